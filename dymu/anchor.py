@@ -1,0 +1,262 @@
+"""The anchor net: N single-task streams of L blocks and N heads, routed by an architecture.
+
+Three forward modes, one routing rule (child ``(k+1, j)`` consumes the path of its parent):
+
+- a fixed architecture: only the used nodes are computed (inference, stage 3);
+- samples ``nu`` of shape ``(L, N, N)`` (hard straight-through or soft): every node is computed and a
+  child's input is the ``nu``-weighted mix of the parents' paths, so the gradient reaches every edge
+  logit (stage 2);
+- both with BatchNorm affine parameters shifted by the weight hypernet (``bn_deltas``).
+
+``specialize`` copies the used nodes into a plain static module whose forward is the same routing rule.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from dymu.backbones.base import Backbone, Path
+from dymu.search_space import Architecture, as_architecture
+from dymu.tasks import Task
+
+BNDeltas = Mapping[str, tuple[Tensor, Tensor]]
+"""Per BatchNorm (named as in ``AnchorNet.named_modules``): ``(delta_gamma, delta_beta)``."""
+
+
+def route(x: Tensor, architecture: Architecture, node: Callable[[int, int], nn.Module],
+          heads: Sequence[nn.Module]) -> list[Tensor]:
+    """Compute the used nodes of ``architecture`` bottom up and return every head's output (task order)."""
+    used = architecture.used_nodes()
+    paths: dict[int, Path] = {t: [x, node(0, t)(x)] for t in sorted(used[0])}
+    for k in range(1, architecture.n_layers):
+        parents = architecture.parents[k - 1]
+        paths = {j: [*paths[parents[j]], node(k, j)(paths[parents[j]][-1])] for j in sorted(used[k])}
+    last = architecture.parents[-1]
+    return [head(paths[last[t]]) for t, head in enumerate(heads)]
+
+
+def mix_paths(paths: Sequence[Path], weights: Tensor) -> list[Path]:
+    """Child ``j``'s path = ``sum_i weights[j, i] * paths[i]``, element-wise along the path.
+
+    The input ``x`` (position 0) is shared by every path and the weights of a child sum to one, so it is
+    passed through unmixed.
+    """
+    mixed: list[Path] = [[paths[0][0]] for _ in range(weights.shape[0])]
+    for m in range(1, len(paths[0])):
+        stacked = torch.stack([p[m] for p in paths])
+        combined = torch.einsum("ji,i...->j...", weights.to(stacked.dtype), stacked)
+        for j in range(weights.shape[0]):
+            mixed[j].append(combined[j])
+    return mixed
+
+
+def batchnorm_names(module: nn.Module) -> dict[str, int]:
+    """Names and channel counts of the BatchNorms inside the branching blocks (``streams``)."""
+    return {name: m.num_features for name, m in module.named_modules()
+            if name.startswith("streams.") and isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def modulated_bn_parameters(module: nn.Module, bn_deltas: BNDeltas) -> dict[str, Tensor]:
+    """The modulated BatchNorm: ``gamma + delta_gamma`` and ``beta + delta_beta`` for every named BN.
+
+    Returned as a parameter dict for ``torch.func.functional_call``, so the anchor's own tensors are never
+    written and gradients flow to the deltas.
+    """
+    modules = dict(module.named_modules())
+    out: dict[str, Tensor] = {}
+    for name, (d_gamma, d_beta) in bn_deltas.items():
+        bn = modules.get(name)
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            raise KeyError(f"{name!r} is not a BatchNorm of this network")
+        out[f"{name}.weight"] = bn.weight + d_gamma
+        out[f"{name}.bias"] = bn.bias + d_beta
+    return out
+
+
+class AnchorNet(nn.Module):
+    """N streams of L blocks (each with its own single-task weights) and N heads.
+
+    Args:
+        backbone: how one stream is cut into blocks and how heads are built.
+        tasks: the N tasks, in order.
+    """
+
+    def __init__(self, backbone: Backbone, tasks: Sequence[Task]) -> None:
+        super().__init__()
+        if not tasks:
+            raise ValueError("an anchor net needs at least one task")
+        names = [t.name for t in tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique, got {names}")
+        self.task_names = names
+        self.backbone_config = backbone.config()
+        self.task_configs = [t.to_config() for t in tasks]
+        self.streams = nn.ModuleList([nn.ModuleList(backbone.make_blocks()) for _ in tasks])
+        self.heads = nn.ModuleList([backbone.make_head(t) for t in tasks])
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.streams)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.streams[0])
+
+    def node(self, layer: int, stream: int) -> nn.Module:
+        """Block ``layer`` of stream ``stream`` (0-based)."""
+        return self.streams[stream][layer]
+
+    def forward(self, x: Tensor, architecture: Architecture | Sequence[Sequence[int]] | None = None,
+                samples: Tensor | None = None, bn_deltas: BNDeltas | None = None) -> dict[str, Tensor]:
+        """Task outputs, keyed by task name.
+
+        Args:
+            x: the input batch.
+            architecture: a fixed tree (only its used nodes are computed); default: the anchor itself.
+            samples: edge samples ``(L, N, N)`` (child, parent); if given, every node is computed and mixed.
+            bn_deltas: BatchNorm shifts from the weight hypernet.
+        """
+        if bn_deltas:
+            params = modulated_bn_parameters(self, bn_deltas)
+            return functional_call(self, params, (x,), {"architecture": architecture, "samples": samples})
+        if samples is not None:
+            outputs = self._forward_sampled(x, samples)
+        else:
+            arch = (Architecture.anchor(self.n_tasks, self.n_layers) if architecture is None
+                    else self.check_architecture(architecture))
+            outputs = route(x, arch, self.node, self.heads)
+        return dict(zip(self.task_names, outputs))
+
+    def _forward_sampled(self, x: Tensor, samples: Tensor) -> list[Tensor]:
+        expected = (self.n_layers, self.n_tasks, self.n_tasks)
+        if tuple(samples.shape) != expected:
+            raise ValueError(f"edge samples must have shape {expected}, got {tuple(samples.shape)}")
+        paths: list[Path] = [[x, self.node(0, t)(x)] for t in range(self.n_tasks)]
+        for k in range(1, self.n_layers):
+            mixed = mix_paths(paths, samples[k - 1])
+            paths = [[*p, self.node(k, j)(p[-1])] for j, p in enumerate(mixed)]
+        mixed = mix_paths(paths, samples[-1])
+        return [head(p) for head, p in zip(self.heads, mixed)]
+
+    def check_architecture(self, architecture: Architecture | Sequence[Sequence[int]]) -> Architecture:
+        arch = as_architecture(architecture)
+        if (arch.n_layers, arch.n_tasks) != (self.n_layers, self.n_tasks):
+            raise ValueError(f"architecture has {arch.n_layers} layers x {arch.n_tasks} tasks, the anchor has "
+                             f"{self.n_layers} x {self.n_tasks}")
+        return arch
+
+    @torch.no_grad()
+    def stream_features(self, x: Tensor) -> list[list[Tensor]]:
+        """``f[t][l]``: output of node ``(l, t)`` when the anchor runs as N separate networks."""
+        feats = []
+        for t in range(self.n_tasks):
+            y, per_layer = x, []
+            for k in range(self.n_layers):
+                y = self.node(k, t)(y)
+                per_layer.append(y)
+            feats.append(per_layer)
+        return feats
+
+    def specialize(self, architecture: Architecture | Sequence[Sequence[int]],
+                   bn_deltas: BNDeltas | None = None) -> SpecializedNet:
+        """A static module holding copies of only the used nodes (BN shifts baked in) and the heads."""
+        arch = self.check_architecture(architecture)
+        used = arch.used_nodes()
+        blocks = nn.ModuleDict()
+        for k, nodes in enumerate(used):
+            for t in sorted(nodes):
+                blocks[f"{k}_{t}"] = copy.deepcopy(self.node(k, t))
+        if bn_deltas:
+            for name, (d_gamma, d_beta) in bn_deltas.items():
+                _, stream, layer, *rest = name.split(".")
+                key = f"{layer}_{stream}"
+                if key not in blocks:
+                    continue
+                bn = blocks[key].get_submodule(".".join(rest))
+                with torch.no_grad():
+                    bn.weight.add_(d_gamma.detach().to(bn.weight))
+                    bn.bias.add_(d_beta.detach().to(bn.bias))
+        return SpecializedNet(blocks, copy.deepcopy(self.heads), arch, self.task_names).train(self.training)
+
+
+class SpecializedNet(nn.Module):
+    """A pruned, static multi-task network for one preference: plain ``nn.Module``, no hypernets.
+
+    Attributes:
+        architecture: the tree it computes.
+        blocks: used nodes, keyed ``"{layer}_{stream}"``.
+        heads: one per task.
+    """
+
+    def __init__(self, blocks: nn.ModuleDict, heads: nn.ModuleList, architecture: Architecture,
+                 task_names: Sequence[str]) -> None:
+        super().__init__()
+        self.blocks, self.heads = blocks, heads
+        self.architecture = architecture
+        self.task_names = list(task_names)
+
+    def node(self, layer: int, stream: int) -> nn.Module:
+        return self.blocks[f"{layer}_{stream}"]
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return dict(zip(self.task_names, route(x, self.architecture, self.node, self.heads)))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` as ``torch.utils.flop_counter`` counts them (a multiply-add = 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return int(counter.get_total_flops())
+
+
+@dataclass(frozen=True)
+class NodeCosts:
+    """Parameters and FLOPs (batch 1) of every block node ``[layer][stream]`` and every head."""
+
+    node_params: tuple[tuple[int, ...], ...]
+    node_flops: tuple[tuple[int, ...], ...]
+    head_params: tuple[int, ...]
+    head_flops: tuple[int, ...]
+
+    def cost(self, architecture: Architecture) -> dict[str, int]:
+        """``params`` and ``flops`` of the pruned network: its used nodes plus the N heads."""
+        used = architecture.used_nodes()
+        params = sum(self.node_params[k][t] for k, nodes in enumerate(used) for t in nodes)
+        flops = sum(self.node_flops[k][t] for k, nodes in enumerate(used) for t in nodes)
+        return {"params": params + sum(self.head_params), "flops": flops + sum(self.head_flops)}
+
+
+def node_costs(anchor: AnchorNet, input_shape: Sequence[int]) -> NodeCosts:
+    """Measure every node once (a node's input shape does not depend on the tree) so that the cost of
+    any architecture is a sum, with no forward pass per architecture."""
+    was_training = anchor.training
+    anchor.eval()
+    param = next(anchor.parameters())
+    x = torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
+    n_params, n_flops = [], []
+    with torch.no_grad():
+        paths: list[Path] = [[x] for _ in range(anchor.n_tasks)]
+        for k in range(anchor.n_layers):
+            row_p, row_f = [], []
+            for t in range(anchor.n_tasks):
+                block, inp = anchor.node(k, t), paths[t][-1]
+                row_f.append(count_flops(lambda b=block, i=inp: b(i)))
+                row_p.append(count_parameters(block))
+                paths[t].append(block(inp))
+            n_params.append(tuple(row_p))
+            n_flops.append(tuple(row_f))
+        head_f = tuple(count_flops(lambda h=h, p=p: h(p)) for h, p in zip(anchor.heads, paths))
+    anchor.train(was_training)
+    return NodeCosts(tuple(n_params), tuple(n_flops), tuple(count_parameters(h) for h in anchor.heads), head_f)

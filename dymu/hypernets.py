@@ -1,0 +1,84 @@
+"""The edge hypernet ``h`` (preference -> edge logits) and the weight hypernet ``h-bar`` (preference ->
+BatchNorm shifts). The modulated BatchNorm itself is ``dymu.anchor.modulated_bn_parameters``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dymu.preference import PreferenceEmbedding
+
+
+def mlp(dims: list[int]) -> nn.Sequential:
+    """Linear layers with a ReLU after every one (the heads that follow are linear)."""
+    layers: list[nn.Module] = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class EdgeHypernet(nn.Module):
+    """``(r, c) -> log alpha`` of shape ``(L, N, N)`` (row = child, column = parent).
+
+    Embedding ``sum_t r_t e_t + c e_c`` (dim 32), MLP 32 -> 100 -> 100 with ReLU, L linear heads 100 -> N*N.
+    """
+
+    def __init__(self, n_tasks: int, n_layers: int, embed_dim: int = 32, hidden: int = 100) -> None:
+        super().__init__()
+        self.n_tasks, self.n_layers = n_tasks, n_layers
+        self.size_args = {"embed_dim": embed_dim, "hidden": hidden}
+        self.embedding = PreferenceEmbedding(n_tasks, embed_dim)
+        self.body = mlp([embed_dim, hidden, hidden])
+        self.heads = nn.ModuleList([nn.Linear(hidden, n_tasks * n_tasks) for _ in range(n_layers)])
+
+    def forward(self, r: Tensor, c: Tensor) -> Tensor:
+        z = self.body(self.embedding(r, c))
+        return torch.stack([h(z).view(self.n_tasks, self.n_tasks) for h in self.heads])
+
+
+def gumbel_samples(logits: Tensor, temperature: float, generator: torch.Generator | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """Gumbel-softmax samples of every child's parent: ``(hard straight-through, soft)``, each ``(L, N, N)``.
+
+    The hard sample is one-hot in the forward pass and carries the soft sample's gradient.
+    """
+    uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-10)).clamp_min(1e-10))
+    soft = F.softmax((logits + gumbel) / temperature, dim=-1)
+    hard = F.one_hot(soft.argmax(dim=-1), logits.shape[-1]).to(soft.dtype)
+    return hard - soft.detach() + soft, soft
+
+
+class WeightHypernet(nn.Module):
+    """``(r, c) -> {bn_name: (delta_gamma, delta_beta)}`` for every BatchNorm of the branching blocks.
+
+    Embedding (dim 32), MLP 32 -> 100 -> 100 -> 100 with ReLU, one linear head per BatchNorm emitting
+    ``2 * channels`` values. The heads start at zero so adaptation starts exactly at the stage-2 model.
+
+    Args:
+        n_tasks: N.
+        batchnorms: BatchNorm name -> channels (``dymu.anchor.batchnorm_names(anchor)``).
+    """
+
+    def __init__(self, n_tasks: int, batchnorms: Mapping[str, int], embed_dim: int = 32,
+                 hidden: int = 100) -> None:
+        super().__init__()
+        self.bn_names = list(batchnorms)
+        self.size_args = {"embed_dim": embed_dim, "hidden": hidden}
+        self.embedding = PreferenceEmbedding(n_tasks, embed_dim)
+        self.body = mlp([embed_dim, hidden, hidden, hidden])
+        self.heads = nn.ModuleList([nn.Linear(hidden, 2 * int(c)) for c in batchnorms.values()])
+        for head in self.heads:
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, r: Tensor, c: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        z = self.body(self.embedding(r, c))
+        out = {}
+        for name, head in zip(self.bn_names, self.heads):
+            d_gamma, d_beta = head(z).chunk(2)
+            out[name] = (d_gamma, d_beta)
+        return out

@@ -1,0 +1,152 @@
+"""The controllable model: anchor net + edge hypernet (+ weight hypernet), and its user-facing API."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dymu.anchor import AnchorNet, BNDeltas, NodeCosts, SpecializedNet, batchnorm_names, node_costs
+from dymu.backbones.base import Backbone, build_backbone
+from dymu.checkpoint import META_KEY, load_checkpoint, submodule_state
+from dymu.hypernets import EdgeHypernet, WeightHypernet
+from dymu.preference import Preference
+from dymu.search_space import Architecture
+from dymu.tasks import Task, tasks_from_config
+
+STAGE_FILES = ("weight", "edge", "anchor")
+
+
+class DynamicMultiTaskModel(nn.Module):
+    """One multi-task network whose architecture and BatchNorm weights follow a preference ``(r, c)``.
+
+    Args:
+        anchor: the N single-task streams.
+        edge_hypernet: preference -> edge logits; without it every preference gives the anchor.
+        weight_hypernet: preference -> BatchNorm shifts; without it the anchor's BatchNorms are used.
+        input_shape: shape of one input (no batch), for ``cost``.
+    """
+
+    def __init__(self, anchor: AnchorNet, edge_hypernet: EdgeHypernet | None = None,
+                 weight_hypernet: WeightHypernet | None = None,
+                 input_shape: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.anchor, self.edge_hypernet, self.weight_hypernet = anchor, edge_hypernet, weight_hypernet
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self._node_costs: NodeCosts | None = None
+
+    @classmethod
+    def build(cls, backbone: Backbone, tasks: Sequence[Task], edge: dict[str, int] | None = None,
+              weight: dict[str, int] | None = None, input_shape: Sequence[int] | None = None
+              ) -> DynamicMultiTaskModel:
+        """Build fresh networks. ``edge`` / ``weight`` are the hypernets' size arguments (or None: absent)."""
+        anchor = AnchorNet(backbone, tasks)
+        edge_net = EdgeHypernet(anchor.n_tasks, anchor.n_layers, **edge) if edge is not None else None
+        weight_net = (WeightHypernet(anchor.n_tasks, batchnorm_names(anchor), **weight)
+                      if weight is not None else None)
+        return cls(anchor, edge_net, weight_net, input_shape)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.anchor.task_names)
+
+    @property
+    def n_tasks(self) -> int:
+        return self.anchor.n_tasks
+
+    def config(self) -> dict[str, Any]:
+        """Everything needed to rebuild this model's networks (stored in every stage checkpoint)."""
+        return {"backbone": self.anchor.backbone_config, "tasks": self.anchor.task_configs,
+                "edge": self.edge_hypernet.size_args if self.edge_hypernet is not None else None,
+                "weight": self.weight_hypernet.size_args if self.weight_hypernet is not None else None,
+                "input_shape": list(self.input_shape) if self.input_shape else None}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> DynamicMultiTaskModel:
+        return cls.build(build_backbone(config["backbone"]), tasks_from_config(config["tasks"]),
+                         edge=config.get("edge"), weight=config.get("weight"),
+                         input_shape=config.get("input_shape"))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> DynamicMultiTaskModel:
+        """Load any stage's checkpoint (anchor, edge or weight), read with ``weights_only=True``."""
+        ckpt = load_checkpoint(path)
+        model = cls.from_config(ckpt[META_KEY]["model"])
+        model.load_state_dict(submodule_state(ckpt["state_dict"], "model"))
+        return model.eval()
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path) -> DynamicMultiTaskModel:
+        """The most complete model of a run directory: its weight stage, else its edge stage."""
+        run_dir = Path(run_dir)
+        for stage in STAGE_FILES[:2]:
+            path = run_dir / stage / "final.ckpt"
+            if path.is_file():
+                return cls.from_checkpoint(path)
+        raise FileNotFoundError(f"{run_dir} holds no finished edge or weight stage (looked for "
+                                f"{run_dir}/weight/final.ckpt and {run_dir}/edge/final.ckpt); run "
+                                f"`dymu run --config <config> --run_dir {run_dir}` first")
+
+    def preference(self, r: Sequence[float] | Tensor | Preference, c: float | None = None) -> Preference:
+        """Validate a preference for this model's tasks (raises ``ValueError`` naming the problem)."""
+        if isinstance(r, Preference):
+            if c is not None:
+                raise ValueError("pass either a Preference or (r, c), not both")
+            return Preference.create(r.r, r.c, n_tasks=self.n_tasks)
+        if c is None:
+            raise ValueError("the cost preference c is missing: pass c in [0, 1] (0 = accuracy, 1 = frugal)")
+        return Preference.create(r, c, n_tasks=self.n_tasks)
+
+    def _device(self) -> torch.device:
+        return next(self.anchor.parameters()).device
+
+    def edge_logits(self, pref: Preference) -> Tensor:
+        if self.edge_hypernet is None:
+            raise RuntimeError("this model has no edge hypernet (an anchor-stage checkpoint)")
+        device = self._device()
+        return self.edge_hypernet(pref.r_tensor(device=device), pref.c_tensor(device=device))
+
+    def bn_deltas(self, pref: Preference) -> BNDeltas | None:
+        if self.weight_hypernet is None:
+            return None
+        device = self._device()
+        return self.weight_hypernet(pref.r_tensor(device=device), pref.c_tensor(device=device))
+
+    @torch.no_grad()
+    def architecture(self, r: Sequence[float] | Tensor | Preference, c: float | None = None) -> Architecture:
+        """The maximum-likelihood tree for ``(r, c)``: ``argmax`` of the edge logits, no noise."""
+        pref = self.preference(r, c)
+        if self.edge_hypernet is None:
+            return Architecture.anchor(self.anchor.n_tasks, self.anchor.n_layers)
+        return Architecture.from_logits(self.edge_logits(pref))
+
+    def forward(self, x: Tensor, r: Sequence[float] | Tensor | Preference, c: float | None = None
+                ) -> dict[str, Tensor]:
+        """Task outputs for preference ``(r, c)`` (only the nodes of its tree are computed)."""
+        pref = self.preference(r, c)
+        return self.anchor(x, architecture=self.architecture(pref), bn_deltas=self.bn_deltas(pref))
+
+    @torch.no_grad()
+    def specialize(self, r: Sequence[float] | Tensor | Preference, c: float | None = None) -> SpecializedNet:
+        """A static pruned ``nn.Module`` for ``(r, c)`` whose outputs equal ``self(x, r, c)``."""
+        pref = self.preference(r, c)
+        return self.anchor.specialize(self.architecture(pref), self.bn_deltas(pref))
+
+    def node_costs(self) -> NodeCosts:
+        if self._node_costs is None:
+            if self.input_shape is None:
+                raise RuntimeError("cost needs the input shape: build the model with input_shape=...")
+            self._node_costs = node_costs(self.anchor, self.input_shape)
+        return self._node_costs
+
+    def cost(self, r: Sequence[float] | Tensor | Preference, c: float | None = None) -> dict[str, int]:
+        """``params`` and ``flops`` (batch 1, ``torch.utils.flop_counter``) of the pruned model for ``(r, c)``."""
+        return self.node_costs().cost(self.architecture(r, c))
+
+    def control_parameters(self) -> int:
+        """Parameters of the hypernets."""
+        nets = [n for n in (self.edge_hypernet, self.weight_hypernet) if n is not None]
+        return sum(p.numel() for n in nets for p in n.parameters())

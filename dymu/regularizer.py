@@ -1,0 +1,81 @@
+"""The branching regularizer Omega of METHOD.md (0-based layers: ``nu[k]`` picks parents in block layer k
+for the children of layer k + 1; ``nu[L-1]`` holds the heads' choices)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def usage_probabilities(nu: Tensor) -> Tensor:
+    """``P_use`` of shape ``(L + 1, N)``: row k < L for block layer k, row L (the heads) all ones.
+
+    ``P[k, i] = 1 - prod_j (1 - P[k+1, j] * nu[k, j, i])``, from the heads down.
+    """
+    n_layers, n = nu.shape[0], nu.shape[1]
+    rows = [torch.ones(n, dtype=nu.dtype, device=nu.device)]
+    for k in reversed(range(n_layers)):
+        rows.append(1.0 - torch.prod(1.0 - rows[-1].unsqueeze(1) * nu[k], dim=0))
+    return torch.stack(rows[::-1])
+
+
+def _pairwise_sq_dist(rows: Tensor) -> Tensor:
+    """``||rows[i] - rows[j]||^2`` for every pair, ``(N, N)``."""
+    diff = rows.unsqueeze(1) - rows.unsqueeze(0)
+    return (diff * diff).sum(dim=-1)
+
+
+def active_loss(nu: Tensor, usage: Tensor, active: Tensor, affinity: Tensor) -> Tensor:
+    """Pull the parent choices of related active tasks together, more strongly near the input.
+
+    ``sum_k sum_{i != j in A} ((L - 1 - k) / L) * Aff[i, j] * P[k+1, i] * P[k+1, j] * ||nu[k, i] - nu[k, j]||^2``
+    (METHOD.md's ``(L - l) / L`` with ``l = k + 1``).
+    """
+    n_layers, n = nu.shape[0], nu.shape[1]
+    pair = (active.unsqueeze(0) & active.unsqueeze(1)) & ~torch.eye(n, dtype=torch.bool, device=nu.device)
+    total = nu.new_zeros(())
+    for k in range(n_layers):
+        weight = (n_layers - 1 - k) / n_layers
+        if weight == 0:
+            continue
+        p = usage[k + 1]
+        terms = affinity * p.unsqueeze(1) * p.unsqueeze(0) * _pairwise_sq_dist(nu[k])
+        total = total + weight * terms[pair].sum()
+    return total
+
+
+def inactive_loss(nu: Tensor, active: Tensor) -> Tensor:
+    """Make each inactive task follow its nearest active task: ``sum_k sum_{j in I} min_{i in A} ||nu[k,i]-nu[k,j]||^2``.
+
+    Zero when no task is active or none is inactive.
+    """
+    inactive = ~active
+    if not active.any() or not inactive.any():
+        return nu.new_zeros(())
+    total = nu.new_zeros(())
+    for k in range(nu.shape[0]):
+        dist = _pairwise_sq_dist(nu[k])[active][:, inactive]
+        total = total + dist.min(dim=0).values.sum()
+    return total
+
+
+def omega(nu: Tensor, r: Tensor, c: Tensor | float, affinity: Tensor, tau: float, lambda_active: float,
+          lambda_inactive: float) -> dict[str, Tensor]:
+    """``Omega = c * lambda_A * L_active + lambda_I * L_inactive`` and its terms.
+
+    Args:
+        nu: edge samples ``(L, N, N)`` (child, parent), rows on the simplex.
+        r: the task preference ``(N,)``.
+        c: the cost preference in [0, 1].
+        affinity: task affinity ``(N, N)``.
+        tau: tasks with ``r_t >= tau`` are active.
+
+    Returns:
+        ``omega``, ``active``, ``inactive`` (the unweighted terms) and ``usage`` (``P_use``).
+    """
+    usage = usage_probabilities(nu)
+    active = r >= tau
+    l_active = active_loss(nu, usage, active, affinity.to(nu))
+    l_inactive = inactive_loss(nu, active)
+    total = c * lambda_active * l_active + lambda_inactive * l_inactive
+    return {"omega": total, "active": l_active, "inactive": l_inactive, "usage": usage}

@@ -1,0 +1,254 @@
+"""Task definitions: one class per kind of task, each with its loss, metric, scale ``w_t`` and head size.
+
+A task knows nothing about networks beyond how many output channels its head needs; the backbone builds
+the head (``Backbone.make_head``). Targets use 255 as the ignore value for label maps, 0 for invalid depth
+and the zero vector for invalid normals.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor
+
+IGNORE_INDEX = 255
+
+
+class MeanAngularError(torchmetrics.Metric):
+    """Mean angle in degrees between predicted and target normals over valid pixels (target != 0)."""
+
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, pred: Tensor, target: Tensor) -> None:  # (B, 3, H, W) each
+        valid = target.abs().sum(dim=1) > 0
+        cos = F.cosine_similarity(pred.float(), target.float(), dim=1).clamp(-1.0, 1.0)
+        angles = torch.rad2deg(torch.acos(cos))[valid]
+        self.total += angles.double().sum()
+        self.count += angles.numel()
+
+    def compute(self) -> Tensor:
+        return (self.total / self.count.clamp(min=1)).float()
+
+
+@dataclass
+class Task:
+    """A task: name, output channels of its head, loss scale ``w_t`` and its primary metric.
+
+    Attributes:
+        name: key of the task's target in a batch and of its output in the model's dict.
+        out_channels: channels (or units) the head must produce.
+        scale: the loss scale ``w_t`` of METHOD.md.
+    """
+
+    name: str
+    out_channels: int
+    scale: float = 1.0
+    kind: str = field(default="", init=False)
+    metric_name: str = field(default="", init=False)
+    higher_is_better: bool = field(default=False, init=False)
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """The unscaled loss ``L_t`` of a batch."""
+        raise NotImplementedError
+
+    def make_metric(self) -> torchmetrics.Metric:
+        """A fresh torchmetrics metric for this task's primary measure."""
+        raise NotImplementedError
+
+    def update_metric(self, metric: torchmetrics.Metric, pred: Tensor, target: Tensor) -> None:
+        """Feed one batch to ``metric`` (tasks with invalid pixels mask them here)."""
+        metric.update(pred, target)
+
+    def to_config(self) -> dict:
+        """A plain dict that ``make_task`` turns back into this task (stored in checkpoints)."""
+        return {"kind": self.kind, "name": self.name, "out_channels": self.out_channels, "scale": self.scale}
+
+
+@dataclass
+class SemanticSegmentation(Task):
+    """Per-pixel classification; target ``(B, H, W)`` long, 255 ignored. Metric: mIoU."""
+
+    def __post_init__(self) -> None:
+        self.kind, self.metric_name, self.higher_is_better = "semseg", "mIoU", True
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(pred, target.long(), ignore_index=IGNORE_INDEX)
+
+    def make_metric(self) -> torchmetrics.Metric:
+        return torchmetrics.classification.MulticlassJaccardIndex(
+            num_classes=self.out_channels, ignore_index=IGNORE_INDEX, average="macro"
+        )
+
+    def update_metric(self, metric: torchmetrics.Metric, pred: Tensor, target: Tensor) -> None:
+        metric.update(pred.argmax(dim=1), target.long())
+
+
+@dataclass
+class Depth(Task):
+    """Dense depth; target ``(B, 1, H, W)``, 0 = invalid. Loss: L1 over valid pixels. Metric: RMSE."""
+
+    def __post_init__(self) -> None:
+        self.kind, self.metric_name, self.higher_is_better = "depth", "RMSE", False
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        valid = target > 0
+        if not valid.any():
+            return pred.sum() * 0.0
+        return F.l1_loss(pred[valid], target[valid])
+
+    def make_metric(self) -> torchmetrics.Metric:
+        return torchmetrics.MeanSquaredError(squared=False)
+
+    def update_metric(self, metric: torchmetrics.Metric, pred: Tensor, target: Tensor) -> None:
+        valid = target > 0
+        metric.update(pred[valid].float(), target[valid].float())
+
+
+@dataclass
+class SurfaceNormals(Task):
+    """Unit normals; target ``(B, 3, H, W)``, zero vector = invalid.
+
+    Loss: L1 between the L2-normalised prediction and the target over valid pixels.
+    Metric: mean angular error in degrees.
+    """
+
+    def __post_init__(self) -> None:
+        self.kind, self.metric_name, self.higher_is_better = "normals", "mean_angle", False
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        valid = (target.abs().sum(dim=1, keepdim=True) > 0).expand_as(target)
+        if not valid.any():
+            return pred.sum() * 0.0
+        return F.l1_loss(F.normalize(pred, dim=1)[valid], target[valid])
+
+    def make_metric(self) -> torchmetrics.Metric:
+        return MeanAngularError()
+
+
+@dataclass
+class Edges(Task):
+    """Binary edge maps; target ``(B, 1, H, W)`` in {0, 1}, 255 ignored.
+
+    Loss: binary cross-entropy weighting positives by ``pos_weight`` (0.95) and negatives by
+    ``1 - pos_weight``. Metric: that loss (as DYMU's table 7 reports), lower is better.
+    """
+
+    pos_weight: float = 0.95
+
+    def __post_init__(self) -> None:
+        self.kind, self.metric_name, self.higher_is_better = "edges", "edge_loss", False
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        valid = target != IGNORE_INDEX
+        if not valid.any():
+            return pred.sum() * 0.0
+        logits, y = pred[valid], target[valid].float()
+        weights = self.pos_weight * y + (1.0 - self.pos_weight) * (1.0 - y)
+        return F.binary_cross_entropy_with_logits(logits, y, weight=weights)
+
+    def make_metric(self) -> torchmetrics.Metric:
+        return torchmetrics.MeanMetric()
+
+    def update_metric(self, metric: torchmetrics.Metric, pred: Tensor, target: Tensor) -> None:
+        metric.update(self.loss(pred, target).detach(), weight=pred.shape[0])
+
+    def to_config(self) -> dict:
+        return {**super().to_config(), "pos_weight": self.pos_weight}
+
+
+@dataclass
+class Regression(Task):
+    """Vector regression; target ``(B, D)``. Loss and metric: mean squared error."""
+
+    def __post_init__(self) -> None:
+        self.kind, self.metric_name, self.higher_is_better = "regression", "MSE", False
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        return F.mse_loss(pred, target)
+
+    def make_metric(self) -> torchmetrics.Metric:
+        return torchmetrics.MeanSquaredError()
+
+
+@dataclass
+class Classification(Task):
+    """Classification; target ``(B,)`` long, 255 ignored (a sample of another task). Metric: accuracy."""
+
+    def __post_init__(self) -> None:
+        self.kind, self.metric_name, self.higher_is_better = "classification", "accuracy", True
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        if not (target != IGNORE_INDEX).any():
+            return pred.sum() * 0.0
+        return F.cross_entropy(pred, target.long(), ignore_index=IGNORE_INDEX)
+
+    def make_metric(self) -> torchmetrics.Metric:
+        return torchmetrics.classification.MulticlassAccuracy(
+            num_classes=self.out_channels, ignore_index=IGNORE_INDEX, average="micro"
+        )
+
+
+TASK_KINDS: dict[str, type[Task]] = {
+    "semseg": SemanticSegmentation,
+    "depth": Depth,
+    "normals": SurfaceNormals,
+    "edges": Edges,
+    "regression": Regression,
+    "classification": Classification,
+}
+_DEFAULT_CHANNELS = {"depth": 1, "normals": 3, "edges": 1}
+
+
+def make_task(kind: str, name: str | None = None, out_channels: int | None = None, scale: float = 1.0,
+              **kwargs: float) -> Task:
+    """Build a task of a known kind.
+
+    Args:
+        kind: one of ``semseg, depth, normals, edges, regression, classification``.
+        name: batch key and output key; defaults to ``kind``.
+        out_channels: head outputs; required for semseg (classes), regression (dimension) and
+            classification (classes); fixed for depth (1), normals (3) and edges (1).
+        scale: the loss scale ``w_t``.
+    """
+    if kind not in TASK_KINDS:
+        raise ValueError(f"unknown task kind {kind!r}; choose one of {sorted(TASK_KINDS)}")
+    if out_channels is None:
+        if kind not in _DEFAULT_CHANNELS:
+            raise ValueError(f"task kind {kind!r} needs out_channels (number of classes or outputs)")
+        out_channels = _DEFAULT_CHANNELS[kind]
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"task scale must be a positive finite number, got {scale}")
+    return TASK_KINDS[kind](name=name or kind, out_channels=int(out_channels), scale=float(scale), **kwargs)
+
+
+def tasks_from_config(configs: list[dict]) -> list[Task]:
+    """Inverse of ``[t.to_config() for t in tasks]``."""
+    return [make_task(**dict(c)) for c in configs]
+
+
+def task_losses(tasks: list[Task], outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
+    """The unscaled losses ``[L_t]`` of a batch, ``(N,)``, in task order."""
+    missing = [t.name for t in tasks if t.name not in batch]
+    if missing:
+        raise KeyError(f"batch has no target for tasks {missing}; batch keys: {sorted(batch)}")
+    return torch.stack([t.loss(outputs[t.name], batch[t.name]) for t in tasks])
+
+
+def task_scales(tasks: list[Task]) -> Tensor:
+    """``[w_t]``, ``(N,)``."""
+    return torch.tensor([t.scale for t in tasks])
+
+
+def preference_loss(losses: Tensor, r: Tensor, scales: Tensor) -> Tensor:
+    """``L_task(r) = sum_t r_t w_t L_t``."""
+    return (r.to(losses) * scales.to(losses) * losses).sum()
