@@ -46,7 +46,8 @@ def gumbel_samples(logits: Tensor, temperature: float, generator: torch.Generato
     The hard sample is one-hot in the forward pass and carries the soft sample's gradient.
     """
     uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-10)).clamp_min(1e-10))
+    exponential = (-torch.log(uniform.clamp_min(1e-10))).clamp_min(1e-10)
+    gumbel = -torch.log(exponential)
     soft = F.softmax((logits + gumbel) / temperature, dim=-1)
     hard = F.one_hot(soft.argmax(dim=-1), logits.shape[-1]).to(soft.dtype)
     return hard - soft.detach() + soft, soft

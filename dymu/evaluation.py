@@ -1,0 +1,104 @@
+"""The evaluation protocol of METHOD.md in plain torch: loss vectors per preference, hypervolume,
+uniformity, and the inference cost over many preferences."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dymu.metrics import hypervolume, hypervolume_method, mean_uniformity
+from dymu.model import DynamicMultiTaskModel
+from dymu.preference import Preference
+from dymu.search_space import Architecture
+from dymu.tasks import Task, task_losses, task_scales
+
+Batch = dict[str, Tensor]
+
+
+@torch.no_grad()
+def mean_task_losses(forward: Callable[[Tensor], dict[str, Tensor]], batches: Iterable[Batch],
+                     tasks: Sequence[Task], device: torch.device | str = "cpu") -> Tensor:
+    """Unscaled losses ``[L_t]`` averaged over a data set (batches weighted by their size)."""
+    total, count = torch.zeros(len(tasks), dtype=torch.float64), 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        size = batch["image"].shape[0]
+        total += task_losses(list(tasks), forward(batch["image"]), batch).double().cpu() * size
+        count += size
+    if count == 0:
+        raise ValueError("the evaluation data set is empty")
+    return (total / count).float()
+
+
+def scaled(losses: Tensor, tasks: Sequence[Task]) -> list[float]:
+    """The loss vector of METHOD.md's protocol: ``[w_t * L_t]``."""
+    return (losses * task_scales(list(tasks))).tolist()
+
+
+def preference_records(model: DynamicMultiTaskModel, prefs: Sequence[Preference], batches: Sequence[Batch],
+                       tasks: Sequence[Task], adapt: bool, device: torch.device | str = "cpu"
+                       ) -> list[dict[str, Any]]:
+    """For each preference: its tree, cost and scaled test-loss vector. Without adaptation the losses
+    depend only on the tree, so each distinct tree is evaluated once."""
+    cache: dict[Architecture, list[float]] = {}
+    records = []
+    for pref in prefs:
+        arch = model.architecture(pref)
+        if adapt and model.weight_hypernet is not None:
+            deltas = model.bn_deltas(pref)
+            losses = scaled(mean_task_losses(
+                lambda x, a=arch, d=deltas: model.anchor(x, architecture=a, bn_deltas=d), batches, tasks,
+                device), tasks)
+        else:
+            if arch not in cache:
+                cache[arch] = scaled(mean_task_losses(
+                    lambda x, a=arch: model.anchor(x, architecture=a), batches, tasks, device), tasks)
+            losses = cache[arch]
+        records.append({"r": list(pref.r), "c": pref.c, "architecture": arch.to_list(),
+                        "losses": losses, **model.node_costs().cost(arch)})
+    return records
+
+
+def front_summary(records: Sequence[dict[str, Any]], reference_point: Sequence[float]) -> dict[str, Any]:
+    """Hypervolume (and which algorithm computed it), uniformity and mean cost of a set of records."""
+    points = np.array([r["losses"] for r in records], dtype=float)
+    method = hypervolume_method(len(points), points.shape[1])
+    return {
+        "hypervolume": hypervolume(points, np.asarray(reference_point, dtype=float), method=method),
+        "hypervolume_method": method,
+        "uniformity": mean_uniformity(np.array([r["r"] for r in records]), points),
+        "mean_params": float(np.mean([r["params"] for r in records])),
+        "mean_gflops": float(np.mean([r["flops"] for r in records])) / 1e9,
+    }
+
+
+def cost_summary(model: DynamicMultiTaskModel, prefs: Sequence[Preference]) -> dict[str, Any]:
+    """Mean inference parameters and GFLOPs of the pruned models over ``prefs`` (the protocol uses 1000)."""
+    costs = [model.cost(p) for p in prefs]
+    return {"count": len(prefs), "mean_params": float(np.mean([c["params"] for c in costs])),
+            "mean_gflops": float(np.mean([c["flops"] for c in costs])) / 1e9}
+
+
+def controllability_grid(model: DynamicMultiTaskModel, cs: Sequence[float] = (0.0, 0.5, 1.0),
+                         focus: float = 0.9) -> list[dict[str, Any]]:
+    """Parameters of the pruned model for the uniform preference and for each task focused on
+    (``r_t = focus``, the rest shared equally), at each ``c``."""
+    n = model.n_tasks
+    rows: list[tuple[str, Preference | None]] = [("uniform", None)]
+    for t, name in enumerate(model.tasks):
+        r = [(1.0 - focus) / (n - 1)] * n if n > 1 else [1.0]
+        r[t] = focus if n > 1 else 1.0
+        rows.append((f"focus {name}", Preference.create(r, 0.0, normalize=True)))
+    out = []
+    for label, base in rows:
+        entry: dict[str, Any] = {"preference": label, "params": {}, "architecture": {}}
+        for c in cs:
+            pref = Preference.uniform(n, c) if base is None else Preference(base.r, c)
+            entry["params"][str(c)] = model.cost(pref)["params"]
+            entry["architecture"][str(c)] = str(model.architecture(pref))
+        out.append(entry)
+    return out

@@ -1,0 +1,68 @@
+"""Stage 3: train the weight hypernet (BatchNorm shifts) over the frozen anchor and edge hypernet."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from dymu.backbones.base import Backbone
+from dymu.checkpoint import META_KEY, submodule_state
+from dymu.model import DynamicMultiTaskModel
+from dymu.preference import Preference
+from dymu.tasks import preference_loss
+from lightning_modules.base import PreferenceStage, default_optimizer
+
+
+class WeightHypernetAdaptation(PreferenceStage):
+    """Learns ``h-bar: (r, c) -> (delta_gamma, delta_beta)`` with ``L_task(r)`` on the edge hypernet's
+    maximum-likelihood tree for ``(r, c)`` (the tree inference uses).
+
+    Args:
+        edge_checkpoint: the edge stage's checkpoint (holds the anchor too).
+        task_configs: task configs (linked from the data module); must match the checkpoint's.
+        backbone: optional; if given it must equal the checkpoint's.
+        dirichlet_eta: training preferences ``r ~ Dirichlet(eta)``, ``c ~ U(0, 1)``.
+        embed_dim, hidden: weight hypernet sizes.
+        seed: seeds the preference sequence.
+        val_preferences: random preferences per ``c`` in {0, 1} at validation (plus the uniform one).
+    """
+
+    stage_name = "weight"
+
+    def __init__(self, edge_checkpoint: str, task_configs: Sequence[dict[str, Any]] | None = None,
+                 backbone: Backbone | None = None, dirichlet_eta: float = 0.2, embed_dim: int = 32,
+                 hidden: int = 100, optimizer: OptimizerCallable = default_optimizer,
+                 lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0, val_preferences: int = 4
+                 ) -> None:
+        super().__init__(optimizer, lr_scheduler, dirichlet_eta, seed, val_preferences)
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        ckpt = self.load_parent(edge_checkpoint, task_configs, backbone)
+        config = ckpt[META_KEY]["model"]
+        if config.get("edge") is None:
+            raise ValueError(f"{edge_checkpoint} holds no edge hypernet (stage {ckpt[META_KEY].get('stage')!r}); "
+                             "the weight stage starts from the edge stage's checkpoint")
+        self.set_tasks(task_configs if task_configs is not None else config["tasks"])
+        self.model = DynamicMultiTaskModel.from_config({**config, "weight": {"embed_dim": embed_dim,
+                                                                            "hidden": hidden}})
+        state = submodule_state(ckpt["state_dict"], "model")
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected or any(not k.startswith("weight_hypernet.") for k in missing):
+            raise ValueError(f"{edge_checkpoint} does not match its own config: missing {missing}, "
+                             f"unexpected {unexpected}")
+        self.freeze_anchor()
+        self.model.edge_hypernet.requires_grad_(False)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        pref = self.training_preference()
+        outputs = self.preference_forward(batch["image"], pref)
+        losses = self.losses(outputs, batch)
+        loss = preference_loss(losses, pref.r_tensor(device=self.device), self.scales)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_task_losses("train", losses)
+        return loss
+
+    def preference_forward(self, x: Tensor, pref: Preference) -> dict[str, Tensor]:
+        return self.model(x, pref)

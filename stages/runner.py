@@ -1,0 +1,150 @@
+"""``dymu run``: anchor -> affinity -> edge -> weight -> evaluate, in one run directory.
+
+The pipeline config holds what the stages share (``data``, ``backbone``, ``seed_everything``) and one
+section per stage (``trainer``, ``model``, ``checkpoint`` as in that stage's LightningCLI config). The
+runner writes each stage's full LightningCLI config to ``<run_dir>/configs/<stage>.yaml`` (so a stage can
+be rerun by hand with ``dymu <stage> fit --config ...``) and runs it in a subprocess (so that DDP's
+launcher re-executes that stage alone). A stage with ``final.ckpt`` is skipped, provided its config has
+not changed; one with ``checkpoints/last.ckpt`` resumes from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from stages.cli import DEFAULT_LOGGER, FINAL_CHECKPOINT
+from stages.common import build_data, read_yaml, write_yaml
+
+STAGES = ("anchor", "edge", "weight")
+KNOWN_KEYS = {"run_dir", "seed_everything", "data", "backbone", "logger", "affinity", "evaluate", *STAGES}
+STAGE_KEYS = {"trainer", "model", "checkpoint"}
+
+
+class StageFailed(RuntimeError):
+    """A stage's subprocess exited with an error."""
+
+
+def check_pipeline_config(config: dict[str, Any], path: str | Path) -> None:
+    unknown = sorted(set(config) - KNOWN_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level keys {unknown}; allowed: {sorted(KNOWN_KEYS)}")
+    missing = [k for k in ("data", "backbone") if k not in config]
+    if missing:
+        raise ValueError(f"{path}: missing required sections {missing}")
+    for stage in STAGES:
+        extra = sorted(set(config.get(stage) or {}) - STAGE_KEYS)
+        if extra:
+            raise ValueError(f"{path}: section {stage!r} has unknown keys {extra}; allowed: {sorted(STAGE_KEYS)}")
+
+
+def stage_config(config: dict[str, Any], stage: str, run_dir: Path) -> dict[str, Any]:
+    """The full LightningCLI ``fit`` config of one stage."""
+    section = copy.deepcopy(config.get(stage) or {})
+    trainer = section.get("trainer", {})
+    trainer["default_root_dir"] = str(run_dir / stage)
+    logger = copy.deepcopy(config.get("logger", DEFAULT_LOGGER))
+    if isinstance(logger, dict) and logger.get("class_path", "").endswith("WandbLogger"):
+        logger.setdefault("init_args", {})
+        logger["init_args"].setdefault("save_dir", str(run_dir / stage))
+        logger["init_args"].setdefault("name", f"{run_dir.name}-{stage}")
+        logger["init_args"].setdefault("group", run_dir.name)
+    trainer.setdefault("logger", logger)
+    model = section.get("model", {})
+    if stage == "anchor":
+        model["backbone"] = copy.deepcopy(config["backbone"])
+    elif stage == "edge":
+        model["anchor_checkpoint"] = str(run_dir / "anchor" / FINAL_CHECKPOINT)
+        model["affinity"] = str(run_dir / "affinity.json")
+    else:
+        model["edge_checkpoint"] = str(run_dir / "edge" / FINAL_CHECKPOINT)
+    out: dict[str, Any] = {"seed_everything": config.get("seed_everything", 0), "trainer": trainer,
+                           "model": model, "data": copy.deepcopy(config["data"])}
+    if "checkpoint" in section:
+        out["checkpoint"] = section["checkpoint"]
+    return out
+
+
+def run_stage(stage: str, config: dict[str, Any], run_dir: Path) -> None:
+    """Skip, resume or start one stage."""
+    stage_dir = run_dir / stage
+    cfg_path = run_dir / "configs" / f"{stage}.yaml"
+    final = stage_dir / FINAL_CHECKPOINT
+    if cfg_path.is_file() and (final.is_file() or (stage_dir / "checkpoints" / "last.ckpt").is_file()):
+        if read_yaml(cfg_path) != config:
+            raise ValueError(
+                f"the {stage} stage in {run_dir} was run with a different config ({cfg_path}); its checkpoints "
+                f"do not belong to this config. Use a new --run_dir, or delete {stage_dir} (and the later "
+                "stages) to rerun it")
+    if final.is_file():
+        print(f"[dymu run] {stage}: finished checkpoint {final} found, skipping")
+        return
+    write_yaml(config, cfg_path)
+    command = [sys.executable, "-m", "stages.cli", stage, "fit", "--config", str(cfg_path)]
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        print(f"[dymu run] {stage}: resuming from {last}")
+        command += ["--ckpt_path", str(last)]
+    else:
+        print(f"[dymu run] {stage}: training")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project_root()),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(command, env=env)
+    if result.returncode != 0:
+        raise StageFailed(f"stage {stage} failed (exit code {result.returncode}); fix the cause and rerun the "
+                          f"same command: it resumes from {last} if it was written")
+    if not final.is_file():
+        raise StageFailed(f"stage {stage} ended without writing {final} (was it interrupted?); rerun to resume")
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def run_pipeline(config_path: str | Path, run_dir: str | Path | None = None, evaluate: bool = True) -> Path:
+    """Run every stage of a pipeline config; return the run directory."""
+    config = read_yaml(config_path)
+    check_pipeline_config(config, config_path)
+    run_dir = Path(run_dir or config.get("run_dir") or Path("runs") / Path(config_path).stem).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_yaml(config, run_dir / "configs" / "pipeline.yaml")
+
+    run_stage("anchor", stage_config(config, "anchor", run_dir), run_dir)
+    if not (run_dir / "affinity.json").is_file():
+        from stages.affinity import compute_affinity
+
+        affinity_cfg = config.get("affinity") or {}
+        print("[dymu run] affinity: computing RSA task affinity from the anchor")
+        aff = compute_affinity(run_dir / "anchor" / FINAL_CHECKPOINT, build_data(config["data"]), run_dir,
+                               num_images=int(affinity_cfg.get("num_images", 100)),
+                               seed=int(affinity_cfg.get("seed", 0)))
+        print(f"[dymu run] affinity:\n{aff.numpy().round(3)}")
+    run_stage("edge", stage_config(config, "edge", run_dir), run_dir)
+    run_stage("weight", stage_config(config, "weight", run_dir), run_dir)
+    if evaluate:
+        from stages.evaluate import evaluate_run
+
+        evaluate_run(run_dir, **(config.get("evaluate") or {}))
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dymu run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="pipeline config (e.g. configs/quickstart.yaml)")
+    parser.add_argument("--run_dir", default=None, help="run directory (default: the config's run_dir, "
+                        "else runs/<config name>)")
+    parser.add_argument("--no_evaluate", action="store_true", help="stop after the weight stage")
+    args = parser.parse_args(argv)
+    try:
+        run_dir = run_pipeline(args.config, args.run_dir, evaluate=not args.no_evaluate)
+    except (StageFailed, ValueError, FileNotFoundError) as err:
+        print(f"[dymu run] error: {err}", file=sys.stderr)
+        return 1
+    print(f"[dymu run] done: {run_dir}")
+    return 0
