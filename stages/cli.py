@@ -71,6 +71,9 @@ class DymuCLI(LightningCLI):
 def stage_main(model_class: type[LightningModule], args: list[str] | dict[str, Any] | None = None,
                link_input_shape: bool = False, run: bool = True) -> DymuCLI:
     """Run one stage's LightningCLI (tests call this directly)."""
+    # sys.argv keeps the stage name so that DDP's launcher re-executes the same command; LightningCLI gets
+    # the arguments after it and would otherwise warn that they differ from sys.argv.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return DymuCLI(model_class, LightningDataModule, subclass_mode_data=True, args=args, run=run,
                    link_input_shape=link_input_shape, save_config_kwargs={"overwrite": True},
                    trainer_defaults={"logger": DEFAULT_LOGGER})
@@ -110,9 +113,6 @@ commands:
 
 def entry_point(argv: list[str] | None = None) -> int:
     """The ``dymu`` console script."""
-    # sys.argv keeps the stage name so that DDP's launcher re-executes this same command; LightningCLI
-    # gets the arguments after it and would otherwise warn that they differ from sys.argv.
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

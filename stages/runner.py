@@ -49,11 +49,13 @@ def stage_config(config: dict[str, Any], stage: str, run_dir: Path) -> dict[str,
     trainer = section.get("trainer", {})
     trainer["default_root_dir"] = str(run_dir / stage)
     logger = copy.deepcopy(config.get("logger", DEFAULT_LOGGER))
-    if isinstance(logger, dict) and logger.get("class_path", "").endswith("WandbLogger"):
-        logger.setdefault("init_args", {})
-        logger["init_args"].setdefault("save_dir", str(run_dir / stage))
-        logger["init_args"].setdefault("name", f"{run_dir.name}-{stage}")
-        logger["init_args"].setdefault("group", run_dir.name)
+    if isinstance(logger, dict) and "class_path" in logger:
+        init_args = logger.setdefault("init_args", {})
+        if init_args.get("save_dir") in (None, "", "."):
+            init_args["save_dir"] = str(run_dir / stage)
+        if logger["class_path"].endswith("WandbLogger"):
+            init_args.setdefault("name", f"{run_dir.name}-{stage}")
+            init_args.setdefault("group", run_dir.name)
     trainer.setdefault("logger", logger)
     model = section.get("model", {})
     if stage == "anchor":
