@@ -24,6 +24,7 @@ class EdgeHypernet(nn.Module):
     """``(r, c) -> log alpha`` of shape ``(L, N, N)`` (row = child, column = parent).
 
     Embedding ``sum_t r_t e_t + c e_c`` (dim 32), MLP 32 -> 100 -> 100 with ReLU, L linear heads 100 -> N*N.
+    The heads start at zero: uniform edge probabilities for every preference.
     """
 
     def __init__(self, n_tasks: int, n_layers: int, embed_dim: int = 32, hidden: int = 100) -> None:
@@ -33,6 +34,11 @@ class EdgeHypernet(nn.Module):
         self.embedding = PreferenceEmbedding(n_tasks, embed_dim)
         self.body = mlp([embed_dim, hidden, hidden])
         self.heads = nn.ModuleList([nn.Linear(hidden, n_tasks * n_tasks) for _ in range(n_layers)])
+        # Every parent starts equally likely for every preference (Learning to Branch's uniform start)
+        # rather than at a random tree that the initialisation would pick.
+        for head in self.heads:
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
 
     def forward(self, r: Tensor, c: Tensor) -> Tensor:
         z = self.body(self.embedding(r, c))

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from dymu.backbones.base import Backbone
 from dymu.checkpoint import META_KEY, load_checkpoint, submodule_state
+from dymu.search_space import Architecture
 from dymu.model import DynamicMultiTaskModel
 from lightning_modules.base import StageModule, default_optimizer
 
@@ -26,6 +29,13 @@ class AnchorPretraining(StageModule):
         lr_scheduler: optional scheduler factory (stepped every training step).
         single_task_checkpoints: task name -> anchor-stage checkpoint of a single-task run; those streams
             and heads are copied in at setup (train with ``max_steps: 0`` to only assemble).
+        stream_init: ``"shared"`` starts every stream from the same weights (as the paper's streams all
+            start from the same ImageNet weights), ``"independent"`` draws each stream's own.
+        pretrained: a file holding one stream's block weights (``state_dict`` of the L blocks, keys
+            ``"<block>.<param>"``), loaded into every stream at setup with ``weights_only=True``.
+        shared_warmup_steps: first train one shared backbone (stream 0, all heads) for this many steps
+            and then copy it into every stream: a stand-in for pretraining where no pretrained weights
+            exist (the synthetic data). Streams that start unrelated cannot feed each other's blocks.
     """
 
     stage_name = "anchor"
@@ -33,13 +43,21 @@ class AnchorPretraining(StageModule):
     def __init__(self, backbone: Backbone, task_configs: Sequence[dict[str, Any]] | None = None,
                  input_shape: Sequence[int] | None = None, optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: LRSchedulerCallable | None = None,
-                 single_task_checkpoints: dict[str, str] | None = None) -> None:
+                 single_task_checkpoints: dict[str, str] | None = None, stream_init: str = "shared",
+                 pretrained: str | None = None, shared_warmup_steps: int = 0) -> None:
         super().__init__(optimizer, lr_scheduler)
         if task_configs is None:
             raise ValueError("AnchorPretraining needs the tasks: link them from the data module (the CLI does)")
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
         self.set_tasks(task_configs)
         self.model = DynamicMultiTaskModel.build(backbone, self.tasks, input_shape=input_shape)
+        if stream_init not in ("shared", "independent"):
+            raise ValueError(f"stream_init must be 'shared' or 'independent', got {stream_init!r}")
+        if stream_init == "shared":
+            self.copy_stream_to_all(0)
+        if shared_warmup_steps < 0:
+            raise ValueError(f"shared_warmup_steps must be >= 0, got {shared_warmup_steps}")
+        self.shared_warmup_steps, self.pretrained = shared_warmup_steps, pretrained
         self.single_task_checkpoints = dict(single_task_checkpoints or {})
         unknown = set(self.single_task_checkpoints) - set(self.model.tasks)
         if unknown:
@@ -47,9 +65,36 @@ class AnchorPretraining(StageModule):
                              f"{self.model.tasks}")
 
     def setup(self, stage: str) -> None:
+        if self.pretrained is not None:
+            self.load_pretrained(self.pretrained)
+            self.pretrained = None
         for name, path in self.single_task_checkpoints.items():
             self.copy_stream(name, path)
         self.single_task_checkpoints = {}
+
+    def copy_stream_to_all(self, source: int) -> None:
+        state = self.model.anchor.streams[source].state_dict()
+        for t, stream in enumerate(self.model.anchor.streams):
+            if t != source:
+                stream.load_state_dict(state)
+
+    def load_pretrained(self, path: str) -> None:
+        """Load one stream's block weights from ``path`` into every stream."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"pretrained weights {path} do not exist; give the path of a file saved with "
+                                    "torch.save(stream_blocks.state_dict(), path)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        expected = set(self.model.anchor.streams[0].state_dict())
+        if not isinstance(state, dict) or set(state) != expected:
+            got = sorted(state)[:5] if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"pretrained weights {path} do not fit this backbone: expected keys like "
+                             f"{sorted(expected)[:5]}, got {got}")
+        for stream in self.model.anchor.streams:
+            stream.load_state_dict(state)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.shared_warmup_steps and self.global_step == self.shared_warmup_steps:
+            self.copy_stream_to_all(0)
 
     def copy_stream(self, name: str, path: str) -> None:
         """Copy task ``name``'s stream and head from another anchor checkpoint (one that trained it)."""
@@ -70,7 +115,10 @@ class AnchorPretraining(StageModule):
         return self.model.anchor(x)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        losses = self.losses(self(batch["image"]), batch)
+        anchor = self.model.anchor
+        shared = (Architecture.shared(anchor.n_tasks, anchor.n_layers)
+                  if self.global_step < self.shared_warmup_steps else None)
+        losses = self.losses(anchor(batch["image"], architecture=shared), batch)
         loss = (self.scales * losses).sum()
         self.log("train/loss", loss, prog_bar=True)
         self.log_task_losses("train", losses)

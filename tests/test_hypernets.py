@@ -17,6 +17,10 @@ from tests.test_anchor import randomize_batchnorm
 def test_edge_hypernet_shapes_and_dependence_on_the_preference():
     torch.manual_seed(0)
     net = EdgeHypernet(n_tasks=3, n_layers=4)
+    start = net(torch.tensor([1.0, 0.0, 0.0]), torch.tensor(0.0))
+    assert torch.count_nonzero(start) == 0, "edge logits must start uniform"
+    for head in net.heads:
+        torch.nn.init.normal_(head.weight)
     a = net(torch.tensor([1.0, 0.0, 0.0]), torch.tensor(0.0))
     b = net(torch.tensor([0.0, 0.0, 1.0]), torch.tensor(1.0))
     assert a.shape == (4, 3, 3)
