@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from dymu.metrics import hypervolume, hypervolume_method, mean_uniformity
 from dymu.model import DynamicMultiTaskModel
@@ -46,7 +47,7 @@ def preference_records(model: DynamicMultiTaskModel, prefs: Sequence[Preference]
     depend only on the tree, so each distinct tree is evaluated once."""
     cache: dict[Architecture, list[float]] = {}
     records = []
-    for pref in prefs:
+    for pref in tqdm(prefs, desc=f"evaluate (c={prefs[0].c:g}, adaptation={adapt})", leave=False):
         arch = model.architecture(pref)
         if adapt and model.weight_hypernet is not None:
             deltas = model.bn_deltas(pref)

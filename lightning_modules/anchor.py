@@ -12,8 +12,8 @@ from torch import Tensor
 
 from dymu.backbones.base import Backbone
 from dymu.checkpoint import META_KEY, load_checkpoint, submodule_state
-from dymu.search_space import Architecture
 from dymu.model import DynamicMultiTaskModel
+from dymu.search_space import Architecture
 from lightning_modules.base import StageModule, default_optimizer
 
 

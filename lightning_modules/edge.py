@@ -12,7 +12,7 @@ from torch import Tensor
 from dymu.affinity import load_affinity
 from dymu.backbones.base import Backbone
 from dymu.checkpoint import META_KEY, submodule_state
-from dymu.hypernets import EdgeHypernet, gumbel_samples
+from dymu.hypernets import gumbel_samples
 from dymu.model import DynamicMultiTaskModel
 from dymu.preference import Preference
 from dymu.regularizer import omega

@@ -46,7 +46,7 @@ def task_configs(tasks: list[Any]) -> list[dict[str, Any]]:
 
 class DymuCLI(LightningCLI):
     """Links the data module's tasks (and input shape, for the anchor) into the model, adds the stage
-    checkpoint callback, and puts W&B's offline files under the stage's directory."""
+    checkpoint callback, and puts the logger's files (W&B offline runs, CSV) under the stage's directory."""
 
     def __init__(self, *args: Any, link_input_shape: bool = False, **kwargs: Any) -> None:
         self.link_input_shape = link_input_shape
@@ -61,11 +61,9 @@ class DymuCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         logger = config.trainer.get("logger")
-        if isinstance(logger, dict) or hasattr(logger, "class_path"):
-            if str(logger.get("class_path", "")) == WANDB_LOGGER:
-                init_args = logger.get("init_args")
-                if init_args.get("save_dir") in (None, ".", ""):
-                    init_args["save_dir"] = config.trainer.get("default_root_dir") or "."
+        init_args = logger.get("init_args") if hasattr(logger, "get") else None
+        if init_args is not None and "save_dir" in init_args and init_args["save_dir"] in (None, ".", ""):
+            init_args["save_dir"] = config.trainer.get("default_root_dir") or "."
 
 
 def stage_main(model_class: type[LightningModule], args: list[str] | dict[str, Any] | None = None,

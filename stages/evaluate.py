@@ -15,8 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from dymu.evaluation import (controllability_grid, cost_summary, front_summary, mean_task_losses,
-                             preference_records, scaled)
+from dymu.evaluation import (
+    controllability_grid,
+    cost_summary,
+    front_summary,
+    mean_task_losses,
+    preference_records,
+    scaled,
+)
 from dymu.model import DynamicMultiTaskModel
 from dymu.preference import Preference, cost_preferences, evaluation_preferences
 from dymu.search_space import Architecture

@@ -1,7 +1,8 @@
 """``dymu run``: anchor -> affinity -> edge -> weight -> evaluate, in one run directory.
 
 The pipeline config holds what the stages share (``data``, ``backbone``, ``seed_everything``) and one
-section per stage (``trainer``, ``model``, ``checkpoint`` as in that stage's LightningCLI config). The
+section per stage (``trainer``, ``model``, ``checkpoint`` as in that stage's LightningCLI config, and
+``data``: init arguments of the data module that this stage overrides, e.g. its batch size). The
 runner writes each stage's full LightningCLI config to ``<run_dir>/configs/<stage>.yaml`` (so a stage can
 be rerun by hand with ``dymu <stage> fit --config ...``) and runs it in a subprocess (so that DDP's
 launcher re-executes that stage alone). A stage with ``final.ckpt`` is skipped, provided its config has
@@ -23,7 +24,7 @@ from stages.common import build_data, read_yaml, write_yaml
 
 STAGES = ("anchor", "edge", "weight")
 KNOWN_KEYS = {"run_dir", "seed_everything", "data", "backbone", "logger", "affinity", "evaluate", *STAGES}
-STAGE_KEYS = {"trainer", "model", "checkpoint"}
+STAGE_KEYS = {"trainer", "model", "checkpoint", "data"}
 
 
 class StageFailed(RuntimeError):
@@ -65,8 +66,10 @@ def stage_config(config: dict[str, Any], stage: str, run_dir: Path) -> dict[str,
         model["affinity"] = str(run_dir / "affinity.json")
     else:
         model["edge_checkpoint"] = str(run_dir / "edge" / FINAL_CHECKPOINT)
+    data = copy.deepcopy(config["data"])
+    data.setdefault("init_args", {}).update(section.get("data") or {})
     out: dict[str, Any] = {"seed_everything": config.get("seed_everything", 0), "trainer": trainer,
-                           "model": model, "data": copy.deepcopy(config["data"])}
+                           "model": model, "data": data}
     if "checkpoint" in section:
         out["checkpoint"] = section["checkpoint"]
     return out
