@@ -14,7 +14,8 @@ Three forward modes, one routing rule (child ``(k+1, j)`` consumes the path of i
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,36 @@ def modulated_bn_parameters(module: nn.Module, bn_deltas: BNDeltas) -> dict[str,
         out[f"{name}.weight"] = bn.weight + d_gamma
         out[f"{name}.bias"] = bn.bias + d_beta
     return out
+
+
+def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def use_batch_statistics(module: nn.Module) -> None:
+    """Make every BatchNorm in ``module`` normalise with the statistics of the batch it sees, in train and
+    eval mode alike (the running statistics are dropped). Used on specialized copies."""
+    for bn in _batchnorms(module):
+        bn.track_running_stats = False
+        bn.running_mean, bn.running_var, bn.num_batches_tracked = None, None, None
+
+
+@contextmanager
+def batch_statistics(module: nn.Module) -> Iterator[None]:
+    """Within the block, the BatchNorms of ``module``'s branching blocks use batch statistics and leave the
+    running statistics untouched; afterwards everything is as before."""
+    saved = []
+    for name, bn in module.named_modules():
+        if name.startswith("streams.") and isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            saved.append((bn, bn.track_running_stats, bn.running_mean, bn.running_var, bn.num_batches_tracked))
+            bn.track_running_stats = False
+            bn.running_mean, bn.running_var, bn.num_batches_tracked = None, None, None
+    try:
+        yield
+    finally:
+        for bn, track, mean, var, count in saved:
+            bn.track_running_stats = track
+            bn.running_mean, bn.running_var, bn.num_batches_tracked = mean, var, count
 
 
 class AnchorNet(nn.Module):
@@ -164,8 +195,11 @@ class AnchorNet(nn.Module):
         return feats
 
     def specialize(self, architecture: Architecture | Sequence[Sequence[int]],
-                   bn_deltas: BNDeltas | None = None) -> SpecializedNet:
-        """A static module holding copies of only the used nodes (BN shifts baked in) and the heads."""
+                   bn_deltas: BNDeltas | None = None, bn_statistics: str = "running") -> SpecializedNet:
+        """A static module holding copies of only the used nodes (BN shifts baked in) and the heads.
+
+        With ``bn_statistics="batch"`` the copied blocks' BatchNorms normalise with batch statistics.
+        """
         arch = self.check_architecture(architecture)
         used = arch.used_nodes()
         blocks = nn.ModuleDict()
@@ -182,6 +216,8 @@ class AnchorNet(nn.Module):
                 with torch.no_grad():
                     bn.weight.add_(d_gamma.detach().to(bn.weight))
                     bn.bias.add_(d_beta.detach().to(bn.bias))
+        if bn_statistics == "batch":
+            use_batch_statistics(blocks)
         return SpecializedNet(blocks, copy.deepcopy(self.heads), arch, self.task_names).train(self.training)
 
 

@@ -52,7 +52,7 @@ def preference_records(model: DynamicMultiTaskModel, prefs: Sequence[Preference]
         if adapt and model.weight_hypernet is not None:
             deltas = model.bn_deltas(pref)
             losses = scaled(mean_task_losses(
-                lambda x, a=arch, d=deltas: model.anchor(x, architecture=a, bn_deltas=d), batches, tasks,
+                lambda x, a=arch, d=deltas: model.run_tree(x, a, d), batches, tasks,
                 device), tasks)
         else:
             if arch not in cache:

@@ -68,13 +68,18 @@ class WeightHypernet(nn.Module):
     Args:
         n_tasks: N.
         batchnorms: BatchNorm name -> channels (``dymu.anchor.batchnorm_names(anchor)``).
+        bn_statistics: the modulated BatchNorms normalise with the anchor's ``"running"`` statistics
+            (METHOD.md's default) or with ``"batch"`` statistics.
     """
 
     def __init__(self, n_tasks: int, batchnorms: Mapping[str, int], embed_dim: int = 32,
-                 hidden: int = 100) -> None:
+                 hidden: int = 100, bn_statistics: str = "running") -> None:
         super().__init__()
+        if bn_statistics not in ("running", "batch"):
+            raise ValueError(f"bn_statistics must be 'running' or 'batch', got {bn_statistics!r}")
         self.bn_names = list(batchnorms)
-        self.size_args = {"embed_dim": embed_dim, "hidden": hidden}
+        self.bn_statistics = bn_statistics
+        self.size_args = {"embed_dim": embed_dim, "hidden": hidden, "bn_statistics": bn_statistics}
         self.embedding = PreferenceEmbedding(n_tasks, embed_dim)
         self.body = mlp([embed_dim, hidden, hidden, hidden])
         self.heads = nn.ModuleList([nn.Linear(hidden, 2 * int(c)) for c in batchnorms.values()])

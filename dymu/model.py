@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from dymu.anchor import AnchorNet, BNDeltas, NodeCosts, SpecializedNet, batchnorm_names, node_costs
+from dymu.anchor import AnchorNet, BNDeltas, NodeCosts, SpecializedNet, batch_statistics, batchnorm_names, node_costs
 from dymu.backbones.base import Backbone, build_backbone
 from dymu.checkpoint import META_KEY, load_checkpoint, submodule_state
 from dymu.hypernets import EdgeHypernet, WeightHypernet
@@ -123,17 +124,30 @@ class DynamicMultiTaskModel(nn.Module):
             return Architecture.anchor(self.anchor.n_tasks, self.anchor.n_layers)
         return Architecture.from_logits(self.edge_logits(pref))
 
+    @property
+    def bn_statistics(self) -> str:
+        return self.weight_hypernet.bn_statistics if self.weight_hypernet is not None else "running"
+
+    def run_tree(self, x: Tensor, architecture: Architecture, bn_deltas: BNDeltas | None) -> dict[str, Tensor]:
+        """The anchor restricted to ``architecture``, BatchNorms shifted by ``bn_deltas`` and normalised with
+        the statistics the weight hypernet was trained with."""
+        use_batch = bn_deltas is not None and self.bn_statistics == "batch"
+        with batch_statistics(self.anchor) if use_batch else nullcontext():
+            return self.anchor(x, architecture=architecture, bn_deltas=bn_deltas)
+
     def forward(self, x: Tensor, r: Sequence[float] | Tensor | Preference, c: float | None = None
                 ) -> dict[str, Tensor]:
         """Task outputs for preference ``(r, c)`` (only the nodes of its tree are computed)."""
         pref = self.preference(r, c)
-        return self.anchor(x, architecture=self.architecture(pref), bn_deltas=self.bn_deltas(pref))
+        return self.run_tree(x, self.architecture(pref), self.bn_deltas(pref))
 
     @torch.no_grad()
     def specialize(self, r: Sequence[float] | Tensor | Preference, c: float | None = None) -> SpecializedNet:
         """A static pruned ``nn.Module`` for ``(r, c)`` whose outputs equal ``self(x, r, c)``."""
         pref = self.preference(r, c)
-        return self.anchor.specialize(self.architecture(pref), self.bn_deltas(pref))
+        deltas = self.bn_deltas(pref)
+        return self.anchor.specialize(self.architecture(pref), deltas,
+                                      bn_statistics=self.bn_statistics if deltas is not None else "running")
 
     def node_costs(self) -> NodeCosts:
         if self._node_costs is None:

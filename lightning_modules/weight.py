@@ -26,6 +26,7 @@ class WeightHypernetAdaptation(PreferenceStage):
         backbone: optional; if given it must equal the checkpoint's.
         dirichlet_eta: training preferences ``r ~ Dirichlet(eta)``, ``c ~ U(0, 1)``.
         embed_dim, hidden: weight hypernet sizes.
+        bn_statistics: ``"running"`` (the anchor's statistics, METHOD.md's default) or ``"batch"``.
         seed: seeds the preference sequence.
         val_preferences: random preferences per ``c`` in {0, 1} at validation (plus the uniform one).
     """
@@ -34,7 +35,7 @@ class WeightHypernetAdaptation(PreferenceStage):
 
     def __init__(self, edge_checkpoint: str, task_configs: Sequence[dict[str, Any]] | None = None,
                  backbone: Backbone | None = None, dirichlet_eta: float = 0.2, embed_dim: int = 32,
-                 hidden: int = 100, optimizer: OptimizerCallable = default_optimizer,
+                 hidden: int = 100, bn_statistics: str = "running", optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0, val_preferences: int = 4
                  ) -> None:
         super().__init__(optimizer, lr_scheduler, dirichlet_eta, seed, val_preferences)
@@ -45,8 +46,8 @@ class WeightHypernetAdaptation(PreferenceStage):
             raise ValueError(f"{edge_checkpoint} holds no edge hypernet (stage {ckpt[META_KEY].get('stage')!r}); "
                              "the weight stage starts from the edge stage's checkpoint")
         self.set_tasks(task_configs if task_configs is not None else config["tasks"])
-        self.model = DynamicMultiTaskModel.from_config({**config, "weight": {"embed_dim": embed_dim,
-                                                                            "hidden": hidden}})
+        self.model = DynamicMultiTaskModel.from_config(
+            {**config, "weight": {"embed_dim": embed_dim, "hidden": hidden, "bn_statistics": bn_statistics}})
         state = submodule_state(ckpt["state_dict"], "model")
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith("weight_hypernet.") for k in missing):

@@ -66,7 +66,7 @@ def test_gumbel_argmax_follows_the_softmax_of_the_logits():
     torch.testing.assert_close(counts / 4000, torch.tensor([0.6, 0.3, 0.1]), atol=0.03, rtol=0)
 
 
-def controllable_model(dense=False):
+def controllable_model(dense=False, bn_statistics="running"):
     torch.manual_seed(0)
     if dense:
         tasks = [make_task("semseg", out_channels=3), make_task("depth")]
@@ -75,16 +75,18 @@ def controllable_model(dense=False):
         tasks = [make_task("regression", name=f"t{i}", out_channels=2) for i in range(3)]
         backbone, shape = MLPBackbone(input_dim=5, hidden=6, num_layers=3), (5,)
     model = DynamicMultiTaskModel.build(backbone, tasks, edge={"embed_dim": 8, "hidden": 16},
-                                        weight={"embed_dim": 8, "hidden": 16}, input_shape=shape)
+                                        weight={"embed_dim": 8, "hidden": 16, "bn_statistics": bn_statistics},
+                                        input_shape=shape)
     randomize_batchnorm(model.anchor)
     for head in model.weight_hypernet.heads:  # leave the zero start, so that the shifts matter
         nn.init.normal_(head.weight, std=0.2)
     return model.eval(), shape
 
 
+@pytest.mark.parametrize("bn_statistics", ["running", "batch"])
 @pytest.mark.parametrize("dense", [False, True])
-def test_specialize_matches_the_dynamic_model_for_many_preferences(dense):
-    model, shape = controllable_model(dense)
+def test_specialize_matches_the_dynamic_model_for_many_preferences(dense, bn_statistics):
+    model, shape = controllable_model(dense, bn_statistics)
     x = torch.randn(3, *shape)
     gen = torch.Generator().manual_seed(0)
     archs = set()
@@ -143,3 +145,30 @@ def test_config_round_trip_rebuilds_the_same_model():
         torch.testing.assert_close(a[name], b[name])
     assert len(batchnorm_names(clone.anchor)) == len(clone.weight_hypernet.heads)
     assert model.control_parameters() == clone.control_parameters() > 0
+
+
+def test_batch_statistics_normalise_with_the_batch_and_restore_the_running_ones():
+    model, shape = controllable_model(dense=False, bn_statistics="batch")
+    running, _ = controllable_model(dense=False, bn_statistics="running")
+    bn = model.anchor.node(0, 0)[1]
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    x = torch.randn(16, *shape)
+    with torch.no_grad():
+        out_batch = model(x, [0.3, 0.3, 0.4], 0.5)
+        out_running = running(x, [0.3, 0.3, 0.4], 0.5)
+        # by hand: block 0 of the stream the tree uses for task 0, with batch statistics
+        arch = model.architecture([0.3, 0.3, 0.4], 0.5)
+        deltas = model.bn_deltas(Preference((0.3, 0.3, 0.4), 0.5))
+        stream = arch.path(0)[0]
+        block = model.anchor.node(0, stream)
+        d_gamma, d_beta = deltas[f"streams.{stream}.0.1"]
+        h = block[0](x)
+        expected = torch.relu(torch.nn.functional.batch_norm(h, None, None, block[1].weight + d_gamma,
+                                                             block[1].bias + d_beta, training=True))
+        static = model.specialize([0.3, 0.3, 0.4], 0.5).eval()
+        got = static.node(0, stream)(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out_batch["t0"], out_running["t0"])
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    with pytest.raises(ValueError, match="bn_statistics must be"):
+        WeightHypernet(2, {"a": 3}, bn_statistics="instance")
