@@ -81,15 +81,13 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
 
     cost_prefs = cost_preferences(n, num_cost_preferences, seed=seed)
     max_r = np.array([max(p.r) for p in cost_prefs])
-    focused = [p for p, m in zip(cost_prefs, max_r) if m >= 0.9]
-    uniform = [p for p, m in zip(cost_prefs, max_r) if m <= 1.5 / n]
-    costs = {
-        "all": cost_summary(model, cost_prefs),
-        "c=0": cost_summary(model, [Preference(p.r, 0.0) for p in cost_prefs]),
-        "c=1": cost_summary(model, [Preference(p.r, 1.0) for p in cost_prefs]),
-        "focused (max r >= 0.9)": cost_summary(model, focused) if focused else None,
-        f"near-uniform (max r <= {1.5 / n:.2f})": cost_summary(model, uniform) if uniform else None,
-    }
+    groups = {"": cost_prefs, "focused (max r >= 0.9)": [p for p, m in zip(cost_prefs, max_r) if m >= 0.9],
+              f"near-uniform (max r <= {1.5 / n:.2f})": [p for p, m in zip(cost_prefs, max_r) if m <= 1.5 / n]}
+    costs: dict[str, dict[str, Any] | None] = {"all": cost_summary(model, cost_prefs)}
+    for label, group in groups.items():
+        for c in (0.0, 1.0):
+            name = f"{label}, c={c:g}" if label else f"c={c:g}"
+            costs[name] = cost_summary(model, [Preference(p.r, c) for p in group]) if group else None
     result = {
         "tasks": model.tasks,
         "reference_point": list(reference_point),
