@@ -20,6 +20,9 @@ class WeightHypernetAdaptation(PreferenceStage):
     """Learns ``h-bar: (r, c) -> (delta_gamma, delta_beta)`` with ``L_task(r)`` on the edge hypernet's
     maximum-likelihood tree for ``(r, c)`` (the tree inference uses).
 
+    Only the BatchNorm heads of that tree's nodes receive gradients in a step: under DDP use
+    ``strategy: ddp_find_unused_parameters_true``.
+
     Args:
         edge_checkpoint: the edge stage's checkpoint (holds the anchor too).
         task_configs: task configs (linked from the data module); must match the checkpoint's.
