@@ -123,7 +123,7 @@ def render_report(result: dict[str, Any]) -> str:
     ]
     for rec in result["records"]:
         lines.append(f"| {rec['method']} | {'yes' if rec['adaptation'] else 'no'} | {rec['c']:g} | "
-                     f"{rec['hypervolume']:.4f} ({rec['hypervolume_method']}) | {rec['uniformity']:.4f} | "
+                     f"{rec['hypervolume']:.4g} ({rec['hypervolume_method']}) | {rec['uniformity']:.4f} | "
                      f"{rec['mean_params']:,.0f} | {rec['mean_gflops']:.4f} |")
     lines += ["", "## Inference cost of the pruned model", "",
               f"Anchor (N single-task networks): {anchor['params']:,} parameters, {anchor['gflops']:.4f} GFLOPs "
