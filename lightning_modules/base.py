@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from dymu.backbones.base import Backbone
-from dymu.checkpoint import META_KEY, file_sha256, load_checkpoint
+from dymu.checkpoint import META_KEY, file_sha256, load_checkpoint, submodule_state
 from dymu.model import DynamicMultiTaskModel
 from dymu.preference import Preference, evaluation_preferences, sample_training_preference
 from dymu.search_space import Architecture
@@ -119,9 +119,21 @@ class PreferenceStage(StageModule):
             raise ValueError(f"dirichlet_eta must be > 0, got {dirichlet_eta}")
         self.dirichlet_eta, self.seed, self.num_val_preferences = dirichlet_eta, seed, val_preferences
 
-    def freeze_anchor(self) -> None:
-        self.model.anchor.requires_grad_(False)
+    def build_on_parent(self, path: str, task_configs: Sequence[dict[str, Any]] | None, backbone: Backbone | None,
+                        new_part: str, new_args: dict[str, Any]) -> dict[str, Any]:
+        """Build ``self.model`` from the previous stage's checkpoint plus a fresh hypernet ``new_part``
+        (``"edge"`` or ``"weight"``) built with ``new_args``; load the parent's weights and freeze them."""
+        ckpt = self.load_parent(path, task_configs, backbone)
+        config = ckpt[META_KEY]["model"]
+        self.set_tasks(task_configs if task_configs is not None else config["tasks"])
+        self.model = DynamicMultiTaskModel.from_config({**config, new_part: new_args})
+        missing, unexpected = self.model.load_state_dict(submodule_state(ckpt["state_dict"], "model"), strict=False)
+        if unexpected or any(not k.startswith(f"{new_part}_hypernet.") for k in missing):
+            raise ValueError(f"{path} does not match its own config: missing {missing}, unexpected {unexpected}")
+        self.model.requires_grad_(False)
+        getattr(self.model, f"{new_part}_hypernet").requires_grad_(True)
         self.model.anchor.eval()
+        return ckpt
 
     def train(self, mode: bool = True) -> PreferenceStage:
         super().train(mode)

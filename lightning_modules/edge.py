@@ -11,9 +11,7 @@ from torch import Tensor
 
 from dymu.affinity import load_affinity
 from dymu.backbones.base import Backbone
-from dymu.checkpoint import META_KEY, submodule_state
 from dymu.hypernets import gumbel_samples
-from dymu.model import DynamicMultiTaskModel
 from dymu.preference import Preference
 from dymu.regularizer import omega
 from dymu.tasks import preference_loss
@@ -49,13 +47,8 @@ class EdgeHypernetSearch(PreferenceStage):
                  ) -> None:
         super().__init__(optimizer, lr_scheduler, dirichlet_eta, seed, val_preferences)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
-        ckpt = self.load_parent(anchor_checkpoint, task_configs, backbone)
-        config = ckpt[META_KEY]["model"]
-        self.set_tasks(task_configs if task_configs is not None else config["tasks"])
-        self.model = DynamicMultiTaskModel.from_config({**config, "edge": {"embed_dim": embed_dim,
-                                                                          "hidden": hidden}})
-        self.model.anchor.load_state_dict(submodule_state(ckpt["state_dict"], "model.anchor"))
-        self.freeze_anchor()
+        self.build_on_parent(anchor_checkpoint, task_configs, backbone, "edge",
+                             {"embed_dim": embed_dim, "hidden": hidden})
         n = self.model.n_tasks
         self.tau = 0.6 / n if tau is None else float(tau)
         if temperature <= 0 or not 0 < temperature_decay <= 1 or temperature_every < 1:

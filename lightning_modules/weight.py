@@ -9,8 +9,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from dymu.backbones.base import Backbone
-from dymu.checkpoint import META_KEY, submodule_state
-from dymu.model import DynamicMultiTaskModel
+from dymu.checkpoint import META_KEY
 from dymu.preference import Preference
 from dymu.tasks import preference_loss
 from lightning_modules.base import PreferenceStage, default_optimizer
@@ -43,21 +42,11 @@ class WeightHypernetAdaptation(PreferenceStage):
                  ) -> None:
         super().__init__(optimizer, lr_scheduler, dirichlet_eta, seed, val_preferences)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
-        ckpt = self.load_parent(edge_checkpoint, task_configs, backbone)
-        config = ckpt[META_KEY]["model"]
-        if config.get("edge") is None:
+        ckpt = self.build_on_parent(edge_checkpoint, task_configs, backbone, "weight",
+                                    {"embed_dim": embed_dim, "hidden": hidden, "bn_statistics": bn_statistics})
+        if self.model.edge_hypernet is None:
             raise ValueError(f"{edge_checkpoint} holds no edge hypernet (stage {ckpt[META_KEY].get('stage')!r}); "
                              "the weight stage starts from the edge stage's checkpoint")
-        self.set_tasks(task_configs if task_configs is not None else config["tasks"])
-        self.model = DynamicMultiTaskModel.from_config(
-            {**config, "weight": {"embed_dim": embed_dim, "hidden": hidden, "bn_statistics": bn_statistics}})
-        state = submodule_state(ckpt["state_dict"], "model")
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if unexpected or any(not k.startswith("weight_hypernet.") for k in missing):
-            raise ValueError(f"{edge_checkpoint} does not match its own config: missing {missing}, "
-                             f"unexpected {unexpected}")
-        self.freeze_anchor()
-        self.model.edge_hypernet.requires_grad_(False)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         pref = self.training_preference()
