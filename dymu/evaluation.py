@@ -23,16 +23,24 @@ Batch = dict[str, Tensor]
 @torch.no_grad()
 def mean_task_losses(forward: Callable[[Tensor], dict[str, Tensor]], batches: Iterable[Batch],
                      tasks: Sequence[Task], device: torch.device | str = "cpu") -> Tensor:
-    """Unscaled losses ``[L_t]`` averaged over a data set (batches weighted by their size)."""
-    total, count = torch.zeros(len(tasks), dtype=torch.float64), 0
+    """Unscaled losses ``[L_t]`` over a data set: each batch loss weighted by its support (``Task.support``:
+    the valid pixels or labelled samples it averages over), so the result is the data set's own mean."""
+    tasks = list(tasks)
+    total = torch.zeros(len(tasks), dtype=torch.float64)
+    support = torch.zeros(len(tasks), dtype=torch.float64)
+    num_batches = 0
     for batch in batches:
+        num_batches += 1
         batch = {k: v.to(device) for k, v in batch.items()}
-        size = batch["image"].shape[0]
-        total += task_losses(list(tasks), forward(batch["image"]), batch).double().cpu() * size
-        count += size
-    if count == 0:
+        counts = torch.tensor([float(t.support(batch[t.name])) for t in tasks], dtype=torch.float64)
+        total += task_losses(tasks, forward(batch["image"]), batch).double().cpu() * counts
+        support += counts
+    if num_batches == 0:
         raise ValueError("the evaluation data set is empty")
-    return (total / count).float()
+    empty = [t.name for t, n in zip(tasks, support) if n == 0]
+    if empty:
+        raise ValueError(f"the evaluation data set has no valid target for task(s) {empty}")
+    return (total / support).float()
 
 
 def scaled(losses: Tensor, tasks: Sequence[Task]) -> list[float]:

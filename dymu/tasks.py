@@ -40,6 +40,50 @@ class MeanAngularError(torchmetrics.Metric):
         return (self.total / self.count.clamp(min=1)).float()
 
 
+def weighted_bce(logits: Tensor, target: Tensor, pos_weight: float | None) -> Tensor:
+    """Binary cross-entropy over the pixels whose target is not 255, positives weighted by ``pos_weight``
+    and negatives by ``1 - pos_weight``; ``pos_weight=None`` balances them by the batch's own label
+    frequencies (positives get the fraction of negatives)."""
+    valid = target != IGNORE_INDEX
+    if not valid.any():
+        return logits.sum() * 0.0
+    x, y = logits[valid].float(), target[valid].float()
+    w = (1.0 - y.mean()).detach() if pos_weight is None else torch.tensor(pos_weight, device=x.device)
+    weights = w * y + (1.0 - w) * (1.0 - y)
+    return F.binary_cross_entropy_with_logits(x, y, weight=weights)
+
+
+class MaxThresholdIoU(torchmetrics.Metric):
+    """Saliency: mean over images of the foreground IoU at each threshold of ``sigmoid(logits)``, maximised
+    over the thresholds (0.2 to 0.9 in 15 steps by default). Pixels whose target is 255 are left out; an
+    image whose prediction and target are both empty has IoU 1."""
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, thresholds: Tensor | None = None) -> None:
+        super().__init__()
+        self.thresholds = torch.linspace(0.2, 0.9, 15) if thresholds is None else thresholds
+        self.add_state("iou_sum", default=torch.zeros(len(self.thresholds), dtype=torch.float64),
+                       dist_reduce_fx="sum")
+        self.add_state("images", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, target: Tensor) -> None:  # (B, 1, H, W) each
+        prob = torch.sigmoid(logits.float()).flatten(1)
+        target = target.flatten(1)
+        valid = target != IGNORE_INDEX
+        gt = (target == 1) & valid
+        pred = (prob[:, None, :] > self.thresholds.to(prob.device)[None, :, None]) & valid[:, None, :]
+        inter = (pred & gt[:, None, :]).sum(-1).double()
+        union = (pred | gt[:, None, :]).sum(-1).double()
+        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+        self.iou_sum += iou.sum(0)
+        self.images += target.shape[0]
+
+    def compute(self) -> Tensor:
+        return (self.iou_sum / self.images.clamp(min=1)).max().float()
+
+
 @dataclass
 class Task:
     """A task: name, output channels of its head, loss scale ``w_t`` and its primary metric.
@@ -69,6 +113,12 @@ class Task:
         """Feed one batch to ``metric`` (tasks with invalid pixels mask them here)."""
         metric.update(pred, target)
 
+    def support(self, target: Tensor) -> int:
+        """How many target elements the batch loss averages over (valid pixels, labelled samples). A data
+        set's loss is the support-weighted mean of its batch losses, so batches with few valid pixels (or,
+        on CIFAR-100, few images of a task) count for what they hold."""
+        return int(target.shape[0])
+
     def to_config(self) -> dict:
         """A plain dict that ``make_task`` turns back into this task (stored in checkpoints)."""
         return {"kind": self.kind, "name": self.name, "out_channels": self.out_channels, "scale": self.scale}
@@ -92,6 +142,9 @@ class SemanticSegmentation(Task):
     def update_metric(self, metric: torchmetrics.Metric, pred: Tensor, target: Tensor) -> None:
         metric.update(pred.argmax(dim=1), target.long())
 
+    def support(self, target: Tensor) -> int:
+        return int((target != IGNORE_INDEX).sum())
+
 
 @dataclass
 class Depth(Task):
@@ -108,6 +161,9 @@ class Depth(Task):
 
     def make_metric(self) -> torchmetrics.Metric:
         return torchmetrics.MeanSquaredError(squared=False)
+
+    def support(self, target: Tensor) -> int:
+        return int((target > 0).sum())
 
     def update_metric(self, metric: torchmetrics.Metric, pred: Tensor, target: Tensor) -> None:
         valid = target > 0
@@ -134,6 +190,9 @@ class SurfaceNormals(Task):
     def make_metric(self) -> torchmetrics.Metric:
         return MeanAngularError()
 
+    def support(self, target: Tensor) -> int:
+        return int((target.abs().sum(dim=1) > 0).sum()) * target.shape[1]
+
 
 @dataclass
 class Edges(Task):
@@ -149,21 +208,42 @@ class Edges(Task):
         self.kind, self.metric_name, self.higher_is_better = "edges", "edge_loss", False
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        valid = target != IGNORE_INDEX
-        if not valid.any():
-            return pred.sum() * 0.0
-        logits, y = pred[valid], target[valid].float()
-        weights = self.pos_weight * y + (1.0 - self.pos_weight) * (1.0 - y)
-        return F.binary_cross_entropy_with_logits(logits, y, weight=weights)
+        return weighted_bce(pred, target, self.pos_weight)
 
     def make_metric(self) -> torchmetrics.Metric:
         return torchmetrics.MeanMetric()
 
     def update_metric(self, metric: torchmetrics.Metric, pred: Tensor, target: Tensor) -> None:
-        metric.update(self.loss(pred, target).detach(), weight=pred.shape[0])
+        support = self.support(target)
+        if support:
+            metric.update(self.loss(pred, target).detach(), weight=support)
+
+    def support(self, target: Tensor) -> int:
+        return int((target != IGNORE_INDEX).sum())
 
     def to_config(self) -> dict:
         return {**super().to_config(), "pos_weight": self.pos_weight}
+
+
+@dataclass
+class Saliency(Task):
+    """Binary saliency maps; target ``(B, 1, H, W)`` in {0, 1}, 255 ignored.
+
+    Loss: class-balanced binary cross-entropy (``weighted_bce`` with ``pos_weight=None``).
+    Metric: max-over-thresholds mean IoU (``MaxThresholdIoU``).
+    """
+
+    def __post_init__(self) -> None:
+        self.kind, self.metric_name, self.higher_is_better = "saliency", "maxIoU", True
+
+    def loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        return weighted_bce(pred, target, None)
+
+    def make_metric(self) -> torchmetrics.Metric:
+        return MaxThresholdIoU()
+
+    def support(self, target: Tensor) -> int:
+        return int((target != IGNORE_INDEX).sum())
 
 
 @dataclass
@@ -197,16 +277,20 @@ class Classification(Task):
             num_classes=self.out_channels, ignore_index=IGNORE_INDEX, average="micro"
         )
 
+    def support(self, target: Tensor) -> int:
+        return int((target != IGNORE_INDEX).sum())
+
 
 TASK_KINDS: dict[str, type[Task]] = {
     "semseg": SemanticSegmentation,
     "depth": Depth,
     "normals": SurfaceNormals,
     "edges": Edges,
+    "saliency": Saliency,
     "regression": Regression,
     "classification": Classification,
 }
-_DEFAULT_CHANNELS = {"depth": 1, "normals": 3, "edges": 1}
+_DEFAULT_CHANNELS = {"depth": 1, "normals": 3, "edges": 1, "saliency": 1}
 
 
 def make_task(kind: str, name: str | None = None, out_channels: int | None = None, scale: float = 1.0,
@@ -214,10 +298,10 @@ def make_task(kind: str, name: str | None = None, out_channels: int | None = Non
     """Build a task of a known kind.
 
     Args:
-        kind: one of ``semseg, depth, normals, edges, regression, classification``.
+        kind: one of ``semseg, depth, normals, edges, saliency, regression, classification``.
         name: batch key and output key; defaults to ``kind``.
         out_channels: head outputs; required for semseg (classes), regression (dimension) and
-            classification (classes); fixed for depth (1), normals (3) and edges (1).
+            classification (classes); fixed for depth (1), normals (3), edges (1) and saliency (1).
         scale: the loss scale ``w_t``.
     """
     if kind not in TASK_KINDS:
