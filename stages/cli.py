@@ -104,6 +104,9 @@ commands:
   edge   fit|validate --config X.yaml   stage 2: train the edge hypernet (LightningCLI)
   weight fit|validate --config X.yaml   stage 3: train the weight hypernet (LightningCLI)
   run --config P.yaml [--run_dir D]     all stages, then evaluate, in one run directory
+      [--data_root R] [--set KEY=VALUE]   (R sets data.init_args.root; --set overrides any entry)
+  affinity --config C.yaml --anchor_checkpoint A --out_dir D   the RSA affinity the edge stage reads
+  configs --config P.yaml --out DIR --run_dir D   write anchor/edge/weight.yaml for running stages by hand
   evaluate --run_dir D                  the evaluation protocol: metrics.json and report.md
   info --config P.yaml                  N, L, parameters and GFLOPs, without data or training
 """
@@ -123,6 +126,14 @@ def entry_point(argv: list[str] | None = None) -> int:
         from stages.runner import main as run_main
 
         return run_main(rest)
+    if command == "configs":
+        from stages.runner import configs_main
+
+        return configs_main(rest)
+    if command == "affinity":
+        from stages.affinity import main as affinity_main
+
+        return affinity_main(rest)
     if command == "evaluate":
         from stages.evaluate import main as evaluate_main
 

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from stages.cli import DEFAULT_LOGGER, FINAL_CHECKPOINT
 from stages.common import build_data, read_yaml, write_yaml
 
@@ -111,10 +113,60 @@ def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def run_pipeline(config_path: str | Path, run_dir: str | Path | None = None, evaluate: bool = True) -> Path:
-    """Run every stage of a pipeline config; return the run directory."""
+def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of ``config`` with ``dotted.key=value`` overrides applied (values parsed as YAML), e.g.
+    ``data.init_args.root=/data/NYUD_MT`` or ``anchor.trainer.devices=4``."""
+    config = copy.deepcopy(config)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like dotted.key=value")
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section (it holds {child!r})")
+            node = child
+        node[leaf] = yaml.safe_load(raw)
+    return config
+
+
+def load_pipeline_config(config_path: str | Path, overrides: list[str] | None = None,
+                         data_root: str | None = None) -> dict[str, Any]:
+    """Read and check a pipeline config, applying ``--set`` overrides and ``--data_root``."""
     config = read_yaml(config_path)
+    if data_root is not None:
+        config.setdefault("data", {}).setdefault("init_args", {})["root"] = data_root
+    config = apply_overrides(config, overrides or [])
     check_pipeline_config(config, config_path)
+    return config
+
+
+def write_stage_configs(config: dict[str, Any], out_dir: str | Path, run_dir: str | Path,
+                        source: str | Path | None = None) -> list[Path]:
+    """Write each stage's LightningCLI config (the one ``dymu run`` would use with ``run_dir``) into
+    ``out_dir``, for running stages one by one with ``dymu <stage> fit --config``."""
+    paths = []
+    for stage in STAGES:
+        path = Path(out_dir) / f"{stage}.yaml"
+        write_yaml(stage_config(config, stage, Path(run_dir)), path)
+        if source is not None:
+            header = (f"# Stage '{stage}' of {source}, written by `dymu configs --config {source} --out {out_dir} "
+                      f"--run_dir {run_dir}`.\n# Edit the pipeline config and regenerate; run with `dymu {stage} "
+                      "fit --config <this file>`")
+            if stage == "edge":
+                header += (f"\n# after `dymu affinity --config <this file> --anchor_checkpoint "
+                           f"{Path(run_dir) / 'anchor' / FINAL_CHECKPOINT} --out_dir {run_dir}`")
+            path.write_text(header + ".\n" + path.read_text())
+        paths.append(path)
+    return paths
+
+
+def run_pipeline(config_path: str | Path, run_dir: str | Path | None = None, evaluate: bool = True,
+                 overrides: list[str] | None = None, data_root: str | None = None) -> Path:
+    """Run every stage of a pipeline config; return the run directory."""
+    config = load_pipeline_config(config_path, overrides, data_root)
     run_dir = Path(run_dir or config.get("run_dir") or Path("runs") / Path(config_path).stem).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_yaml(config, run_dir / "configs" / "pipeline.yaml")
@@ -145,11 +197,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run_dir", default=None, help="run directory (default: the config's run_dir, "
                         "else runs/<config name>)")
     parser.add_argument("--no_evaluate", action="store_true", help="stop after the weight stage")
+    parser.add_argument("--data_root", default=None, help="the data set's root (sets data.init_args.root)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a config entry, e.g. --set anchor.trainer.devices=4 (repeatable)")
     args = parser.parse_args(argv)
     try:
-        run_dir = run_pipeline(args.config, args.run_dir, evaluate=not args.no_evaluate)
+        run_dir = run_pipeline(args.config, args.run_dir, evaluate=not args.no_evaluate,
+                               overrides=args.overrides, data_root=args.data_root)
     except (StageFailed, ValueError, FileNotFoundError) as err:
         print(f"[dymu run] error: {err}", file=sys.stderr)
         return 1
     print(f"[dymu run] done: {run_dir}")
+    return 0
+
+
+def configs_main(argv: list[str] | None = None) -> int:
+    """``dymu configs``: write the per-stage LightningCLI configs of a pipeline config."""
+    parser = argparse.ArgumentParser(prog="dymu configs", description=write_stage_configs.__doc__)
+    parser.add_argument("--config", required=True, help="pipeline config")
+    parser.add_argument("--out", required=True, help="folder for anchor.yaml, edge.yaml, weight.yaml")
+    parser.add_argument("--run_dir", required=True, help="run directory the stage configs point at")
+    parser.add_argument("--data_root", default=None, help="the data set's root (sets data.init_args.root)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    args = parser.parse_args(argv)
+    config = load_pipeline_config(args.config, args.overrides, args.data_root)
+    for path in write_stage_configs(config, args.out, args.run_dir, source=args.config):
+        print(path)
     return 0
