@@ -454,8 +454,25 @@ class PascalContext(FileDataModule):
         """The dataset of ``split`` with the training augmentation when ``train`` is true, else padding only."""
         kinds = {key: KINDS[key] for key in ["image", *self._names]}
         transform: TrainTransform | EvalTransform
+        ids = self.split_ids(split)
         if train:
             transform = TrainTransform(kinds, self.crop_size, self.augment_scales)
         else:
+            self._check_fits_crop(ids)
             transform = EvalTransform(kinds, self.crop_size)
-        return PascalContextDataset(self.root, self.split_ids(split), self._names, transform, self.normals_mask)
+        return PascalContextDataset(self.root, ids, self._names, transform, self.normals_mask)
+
+    def _check_fits_crop(self, ids: Sequence[str]) -> None:
+        """Evaluation pads images to ``crop_size`` and never crops: refuse, at setup, an image that is larger
+        (reads only the JPEG headers)."""
+        for image_id in ids:
+            path = self.root / "JPEGImages" / f"{image_id}.jpg"
+            try:
+                with Image.open(path) as image:
+                    width, height = image.size
+            except (OSError, SyntaxError) as err:
+                raise ValueError(f"{path}: cannot read the image ({err}); expected a JPEG") from err
+            if height > self.crop_size[0] or width > self.crop_size[1]:
+                raise ValueError(f"{path} is {height}x{width}, larger than crop_size {self.crop_size[0]}x"
+                                 f"{self.crop_size[1]}: evaluation pads and never crops; set crop_size to at least "
+                                 "the largest image (PASCAL-Context images are at most 500 x 500)")

@@ -290,7 +290,6 @@ def test_loaders_without_trainer_and_the_data_dir_is_unchanged(data: Path) -> No
     before = _listing(data.parent)
     dm = PascalContext(data, tasks=["saliency", "semseg", "parts"], crop_size=(32, 32), batch_size=3)
     assert dm.task_names == ["saliency", "semseg", "parts"] and dm.input_shape == (3, 32, 32)
-    dm.setup("fit")
     batches = list(dm.train_dataloader())
     assert len(batches) == len(TRAIN_IDS) // 3  # the incomplete batch is dropped
     for batch in batches:
@@ -305,6 +304,11 @@ def test_loaders_without_trainer_and_the_data_dir_is_unchanged(data: Path) -> No
     dm.setup("test")
     assert len(dm.dataset("test")) == len(VAL_IDS)  # the paper evaluates on val
     assert _listing(data.parent) == before
+
+
+def test_evaluation_images_larger_than_the_crop_fail_at_setup(data: Path) -> None:
+    with pytest.raises(ValueError, match="larger than crop_size 32x32"):
+        PascalContext(data, crop_size=(32, 32)).setup("validate")
 
 
 def test_three_task_setting_needs_only_its_files(copy: Path) -> None:
@@ -389,10 +393,9 @@ def test_malformed_file_names_the_file_and_the_expectation(copy: Path, defect: s
     image_id = TRAIN_IDS[0]  # kind 0: 40x48
     path = break_pascal_mt(copy, image_id, defect)
     dm = PascalContext(copy, crop_size=CROP)
-    dm.setup("fit")  # contents are checked when a sample is loaded
-    dataset = dm.dataset("train", train=False)
+    dm.setup("fit")  # contents are checked when a sample is loaded (image headers also at evaluation setup)
     with pytest.raises(ValueError, match=fragment) as info:
-        dataset[0]
+        dm.dataset("train", train=False)[0]
     assert str(path) in str(info.value)
 
 
