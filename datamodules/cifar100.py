@@ -305,12 +305,14 @@ class CIFAR100MultiTask(FileDataModule):
                 raise self._not_found(path)
         return self.folder / name
 
-    def _superclass_names(self) -> list[str]:
+    def _superclass_names(self, require_file: bool = False) -> list[str]:
+        """The task names: ``meta``'s ``coarse_label_names`` once the file is there (checked against the names
+        already handed out), CIFAR-100's own names before (``dymu info`` and the CLI's model construction ask
+        for the tasks without data; ``setup`` requires the file)."""
         if self._names_from_meta:
             assert self._names is not None
             return self._names
-        if not (self.folder / "meta").is_file() and self.download:
-            # Model construction may ask for the tasks before prepare_data has downloaded anything.
+        if not (self.folder / "meta").is_file() and not require_file:
             self._names = list(COARSE_LABEL_NAMES)
             return self._names
         path = self._file("meta")
@@ -372,7 +374,7 @@ class CIFAR100MultiTask(FileDataModule):
 
     def make_dataset(self, split: str, train: bool) -> Dataset:
         """The dataset of ``split``; augmented when ``train`` and ``augment`` are both true."""
-        self._superclass_names()
+        self._superclass_names(require_file=True)
         file = "test" if split == "test" or (split == "val" and self.val_size == 0) else "train"
         indices = self.split_indices(split)
         return CIFAR100TaskDataset(self.read(file), indices, augment=train and self.augment)

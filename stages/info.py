@@ -27,6 +27,8 @@ def describe(config: dict[str, Any]) -> dict[str, Any]:
         "input_shape": list(data.input_shape),
         "anchor_params": sum(p.numel() for p in anchor.parameters()),
         "anchor_gflops": (sum(map(sum, cost.node_flops)) + sum(cost.head_flops)) / 1e9,
+        # torch's flop counter counts a multiply-add as 2 FLOPs; papers often quote multiply-adds as FLOPs
+        "anchor_gmacs": (sum(map(sum, cost.node_flops)) + sum(cost.head_flops)) / 2e9,
         "stream_params": [sum(row[t] for row in cost.node_params) for t in range(anchor.n_tasks)],
         "head_params": list(cost.head_params),
         "edge_hypernet_params": sum(p.numel() for p in model.edge_hypernet.parameters()),

@@ -233,8 +233,10 @@ def test_missing_root_names_root_layout_and_source(tmp_path: Path) -> None:
 
 
 def test_missing_folder(tmp_path: Path) -> None:
+    data = CIFAR100MultiTask(tmp_path)
+    assert len(data.tasks) == 20  # known without the files (dymu info, model construction)
     with pytest.raises(DatasetNotFoundError, match="cifar-100-python not found") as error:
-        _ = CIFAR100MultiTask(tmp_path).tasks
+        data.setup("fit")
     assert error.value.missing == tmp_path / FOLDER
 
 
