@@ -33,7 +33,8 @@ def mean_task_losses(forward: Callable[[Tensor], dict[str, Tensor]], batches: It
         num_batches += 1
         batch = {k: v.to(device) for k, v in batch.items()}
         counts = torch.tensor([float(t.support(batch[t.name])) for t in tasks], dtype=torch.float64)
-        total += task_losses(tasks, forward(batch["image"]), batch).double().cpu() * counts
+        losses = task_losses(tasks, forward(batch["image"]), batch).double().cpu()
+        total += torch.where(counts > 0, losses * counts, 0.0)  # a loss over no valid target is undefined
         support += counts
     if num_batches == 0:
         raise ValueError("the evaluation data set is empty")

@@ -37,7 +37,8 @@ class StageCheckpoint(ModelCheckpoint):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.interrupted:
-            trainer.save_checkpoint(Path(trainer.default_root_dir) / FINAL_CHECKPOINT)
+            # the full state (optimiser included), so a finished stage can also be trained further
+            trainer.save_checkpoint(Path(trainer.default_root_dir) / FINAL_CHECKPOINT, weights_only=False)
 
 
 def task_configs(tasks: list[Any]) -> list[dict[str, Any]]:

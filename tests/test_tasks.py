@@ -92,3 +92,21 @@ def test_mean_task_losses_rejects_a_task_without_targets() -> None:
     batch = {"image": torch.arange(2), "a": torch.tensor([255, 255])}
     with pytest.raises(ValueError, match="no valid target for task"):
         mean_task_losses(lambda idx: {"a": torch.zeros(2, 2)}, [batch], tasks)
+
+
+def test_every_loss_is_zero_not_nan_when_all_targets_are_ignored() -> None:
+    """A PASCAL-Context crop without a person has only ignored parts pixels; the loss must stay finite."""
+    cases = {
+        "semseg": (torch.randn(2, 7, 4, 4), torch.full((2, 4, 4), 255)),
+        "edges": (torch.randn(2, 1, 4, 4), torch.full((2, 1, 4, 4), 255.0)),
+        "saliency": (torch.randn(2, 1, 4, 4), torch.full((2, 1, 4, 4), 255.0)),
+        "normals": (torch.randn(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)),
+        "depth": (torch.randn(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)),
+        "classification": (torch.randn(3, 5), torch.full((3,), 255)),
+    }
+    for kind, (pred, target) in cases.items():
+        task = make_task(kind, out_channels=pred.shape[1] if kind in ("semseg", "classification") else None)
+        pred.requires_grad_(True)
+        loss = task.loss(pred, target)
+        assert loss.item() == 0.0 and loss.requires_grad, kind
+        assert task.support(target) == 0, kind
