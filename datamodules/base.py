@@ -48,10 +48,12 @@ class FileDataModule(lightning.LightningDataModule):
         self.num_workers = num_workers
         self._datasets: dict[tuple[str, bool], Dataset] = {}
 
+    _tasks: list[Task]
+
     @property
-    @abstractmethod
     def tasks(self) -> list[Task]:
-        """The configured tasks, in head order."""
+        """The configured tasks, in head order, with their loss scales (subclasses set ``self._tasks``)."""
+        return list(self._tasks)
 
     @property
     def task_names(self) -> list[str]:

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from datamodules.base import FileDataModule
 from datamodules.errors import DatasetNotFoundError
 from datamodules.transforms import PAPER_SCALES, EvalTransform, TrainTransform
-from dymu.tasks import IGNORE_INDEX, Task, make_task
+from dymu.tasks import IGNORE_INDEX, make_task
 
 NYU_TASKS = ("semseg", "normals", "depth", "edges")
 NUM_CLASSES = 40
@@ -386,16 +386,6 @@ class NYUv2(FileDataModule):
             for name in names
         ]
         self._lists: dict[str, tuple[list[str], list[tuple[int, int]]]] = {}
-
-    @property
-    def tasks(self) -> list[Task]:
-        """The configured tasks, in the order given, with their loss scales."""
-        return list(self._tasks)
-
-    @property
-    def task_names(self) -> list[str]:
-        """Names of the configured tasks; also their keys in a batch."""
-        return list(self._names)
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -401,16 +401,6 @@ class PascalContext(FileDataModule):
         self._ids: dict[str, list[str]] = {}
 
     @property
-    def tasks(self) -> list[Task]:
-        """The configured tasks, in the order given, with their loss scales."""
-        return list(self._tasks)
-
-    @property
-    def task_names(self) -> list[str]:
-        """Names of the configured tasks; also their keys in a batch."""
-        return list(self._names)
-
-    @property
     def input_shape(self) -> tuple[int, ...]:
         """``(3, *crop_size)``."""
         return (3, *self.crop_size)
