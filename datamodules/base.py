@@ -24,6 +24,23 @@ STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {
 }
 
 
+def make_loader(datamodule: lightning.LightningDataModule, dataset: Dataset, shuffle: bool,
+                collate: Callable | None = None) -> DataLoader:
+    """The loader every data module uses: shuffled training batches without the last incomplete one
+    (Lightning injects its ``DistributedSampler`` under DDP), or evaluation batches in a fixed order that,
+    under DDP, come from an unrepeated distributed sampler, so that each sample counts exactly once in the
+    metrics summed over ranks. ``datamodule`` supplies ``batch_size``, ``num_workers`` and its trainer."""
+    sampler = None
+    trainer = getattr(datamodule, "trainer", None)
+    if not shuffle and trainer is not None and trainer.world_size > 1:
+        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                               shuffle=False)
+    num_workers = datamodule.num_workers  # type: ignore[attr-defined]
+    return DataLoader(dataset, batch_size=datamodule.batch_size,  # type: ignore[attr-defined]
+                      shuffle=shuffle and sampler is None, sampler=sampler, drop_last=shuffle,
+                      num_workers=num_workers, persistent_workers=num_workers > 0, collate_fn=collate)
+
+
 class FileDataModule(lightning.LightningDataModule):
     """A data module over files on disk.
 
@@ -90,15 +107,8 @@ class FileDataModule(lightning.LightningDataModule):
         for split in STAGE_SPLITS[stage]:
             self.dataset(split)
 
-    def _loader(self, dataset: Dataset, shuffle: bool, collate: Callable | None = None) -> DataLoader:
-        sampler = None
-        trainer = getattr(self, "trainer", None)
-        if not shuffle and trainer is not None and trainer.world_size > 1:
-            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
-                                                   rank=trainer.global_rank, shuffle=False)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle and sampler is None,
-                          sampler=sampler, drop_last=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, collate_fn=collate or self.collate)
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return make_loader(self, dataset, shuffle, self.collate)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, augmented training batches; the last incomplete batch is dropped."""

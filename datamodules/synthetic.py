@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.base import make_loader
 from dymu.tasks import Task, make_task
 
 SPLITS = ("train", "val", "test")
@@ -108,14 +109,7 @@ class _InMemoryDataModule(lightning.LightningDataModule):
             self.dataset(split)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(self, self.dataset(split), shuffle)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches; the last incomplete batch is dropped."""
