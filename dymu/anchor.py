@@ -45,14 +45,19 @@ def route(x: Tensor, architecture: Architecture, node: Callable[[int, int], nn.M
 def mix_paths(paths: Sequence[Path], weights: Tensor) -> list[Path]:
     """Child ``j``'s path = ``sum_i weights[j, i] * paths[i]``, element-wise along the path.
 
-    The input ``x`` (position 0) is shared by every path and the weights of a child sum to one, so it is
-    passed through unmixed.
+    ``weights`` is ``(N, N)`` (one mix for the whole batch) or ``(B, N, N)`` (one mix per sample: several
+    preferences in one batch). The input ``x`` (position 0) is shared by every path and the weights of a
+    child sum to one, so it is passed through unmixed.
     """
-    mixed: list[Path] = [[paths[0][0]] for _ in range(weights.shape[0])]
+    n_children = weights.shape[-2]
+    mixed: list[Path] = [[paths[0][0]] for _ in range(n_children)]
     for m in range(1, len(paths[0])):
         stacked = torch.stack([p[m] for p in paths])
-        combined = torch.einsum("ji,i...->j...", weights.to(stacked.dtype), stacked)
-        for j in range(weights.shape[0]):
+        if weights.ndim == 2:
+            combined = torch.einsum("ji,i...->j...", weights.to(stacked.dtype), stacked)
+        else:
+            combined = torch.einsum("bji,ib...->jb...", weights.to(stacked.dtype), stacked)
+        for j in range(n_children):
             mixed[j].append(combined[j])
     return mixed
 
@@ -150,7 +155,8 @@ class AnchorNet(nn.Module):
         Args:
             x: the input batch.
             architecture: a fixed tree (only its used nodes are computed); default: the anchor itself.
-            samples: edge samples ``(L, N, N)`` (child, parent); if given, every node is computed and mixed.
+            samples: edge samples ``(L, N, N)`` (child, parent), or ``(B, L, N, N)`` with one per sample; if
+                given, every node is computed and mixed.
             bn_deltas: BatchNorm shifts from the weight hypernet.
         """
         if bn_deltas:
@@ -166,13 +172,17 @@ class AnchorNet(nn.Module):
 
     def _forward_sampled(self, x: Tensor, samples: Tensor) -> list[Tensor]:
         expected = (self.n_layers, self.n_tasks, self.n_tasks)
-        if tuple(samples.shape) != expected:
-            raise ValueError(f"edge samples must have shape {expected}, got {tuple(samples.shape)}")
+        per_sample = samples.ndim == 4
+        if tuple(samples.shape[-3:]) != expected or samples.ndim not in (3, 4) or (
+                per_sample and samples.shape[0] != x.shape[0]):
+            raise ValueError(f"edge samples must have shape {expected} or (batch {x.shape[0]}, *{expected}), "
+                             f"got {tuple(samples.shape)}")
+        layer = (lambda k: samples[:, k]) if per_sample else (lambda k: samples[k])
         paths: list[Path] = [[x, self.node(0, t)(x)] for t in range(self.n_tasks)]
         for k in range(1, self.n_layers):
-            mixed = mix_paths(paths, samples[k - 1])
+            mixed = mix_paths(paths, layer(k - 1))
             paths = [[*p, self.node(k, j)(p[-1])] for j, p in enumerate(mixed)]
-        mixed = mix_paths(paths, samples[-1])
+        mixed = mix_paths(paths, layer(self.n_layers - 1))
         return [head(p) for head, p in zip(self.heads, mixed)]
 
     def check_architecture(self, architecture: Architecture | Sequence[Sequence[int]]) -> Architecture:

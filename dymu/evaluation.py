@@ -21,27 +21,38 @@ Batch = dict[str, Tensor]
 
 
 @torch.no_grad()
-def mean_task_losses(forward: Callable[[Tensor], dict[str, Tensor]], batches: Iterable[Batch],
-                     tasks: Sequence[Task], device: torch.device | str = "cpu") -> Tensor:
-    """Unscaled losses ``[L_t]`` over a data set: each batch loss weighted by its support (``Task.support``:
-    the valid pixels or labelled samples it averages over), so the result is the data set's own mean."""
+def task_loss_sums(forward: Callable[[Tensor], dict[str, Tensor]], batches: Iterable[Batch],
+                   tasks: Sequence[Task], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Support-weighted sums of the unscaled batch losses and the supports (``Task.support``: the valid
+    pixels or labelled samples each batch loss averages over), float64 ``(N,)`` each; sums from several
+    processes add up to the whole data set's."""
     tasks = list(tasks)
     total = torch.zeros(len(tasks), dtype=torch.float64)
     support = torch.zeros(len(tasks), dtype=torch.float64)
-    num_batches = 0
     for batch in batches:
-        num_batches += 1
         batch = {k: v.to(device) for k, v in batch.items()}
         counts = torch.tensor([float(t.support(batch[t.name])) for t in tasks], dtype=torch.float64)
         losses = task_losses(tasks, forward(batch["image"]), batch).double().cpu()
         total += torch.where(counts > 0, losses * counts, 0.0)  # a loss over no valid target is undefined
         support += counts
-    if num_batches == 0:
+    return total, support
+
+
+def losses_from_sums(total: Tensor, support: Tensor, tasks: Sequence[Task]) -> Tensor:
+    """The data set's mean losses ``[L_t]`` from ``task_loss_sums``; an error names a task without targets."""
+    if not bool((support > 0).any()):
         raise ValueError("the evaluation data set is empty")
     empty = [t.name for t, n in zip(tasks, support) if n == 0]
     if empty:
         raise ValueError(f"the evaluation data set has no valid target for task(s) {empty}")
     return (total / support).float()
+
+
+def mean_task_losses(forward: Callable[[Tensor], dict[str, Tensor]], batches: Iterable[Batch],
+                     tasks: Sequence[Task], device: torch.device | str = "cpu") -> Tensor:
+    """Unscaled losses ``[L_t]`` over a data set: each batch loss weighted by its support, so the result is
+    the data set's own mean."""
+    return losses_from_sums(*task_loss_sums(forward, batches, tasks, device), tasks)
 
 
 def scaled(losses: Tensor, tasks: Sequence[Task]) -> list[float]:

@@ -24,13 +24,22 @@ class EdgeHypernet(nn.Module):
     """``(r, c) -> log alpha`` of shape ``(L, N, N)`` (row = child, column = parent).
 
     Embedding ``sum_t r_t e_t + c e_c`` (dim 32), MLP 32 -> 100 -> 100 with ReLU, L linear heads 100 -> N*N.
-    The heads start at zero: uniform edge probabilities for every preference.
+    The heads start at zero: uniform edge probabilities for every preference. A batch of preferences
+    (``r`` of shape ``(G, N)``, ``c`` of shape ``(G,)``) gives logits ``(G, L, N, N)``.
+
+    Args:
+        pin_heads: every head keeps its own stream's last block (the heads' parent choice is not searched;
+            METHOD.md's third reading of the layer weighting).
     """
 
-    def __init__(self, n_tasks: int, n_layers: int, embed_dim: int = 32, hidden: int = 100) -> None:
+    def __init__(self, n_tasks: int, n_layers: int, embed_dim: int = 32, hidden: int = 100,
+                 pin_heads: bool = False) -> None:
         super().__init__()
         self.n_tasks, self.n_layers = n_tasks, n_layers
-        self.size_args = {"embed_dim": embed_dim, "hidden": hidden}
+        self.pin_heads = bool(pin_heads)
+        self.size_args: dict[str, int | bool] = {"embed_dim": embed_dim, "hidden": hidden}
+        if self.pin_heads:
+            self.size_args["pin_heads"] = True
         self.embedding = PreferenceEmbedding(n_tasks, embed_dim)
         self.body = mlp([embed_dim, hidden, hidden])
         self.heads = nn.ModuleList([nn.Linear(hidden, n_tasks * n_tasks) for _ in range(n_layers)])
@@ -42,19 +51,29 @@ class EdgeHypernet(nn.Module):
 
     def forward(self, r: Tensor, c: Tensor) -> Tensor:
         z = self.body(self.embedding(r, c))
-        return torch.stack([h(z).view(self.n_tasks, self.n_tasks) for h in self.heads])
+        shape = (*z.shape[:-1], self.n_tasks, self.n_tasks)
+        logits = torch.stack([h(z).view(shape) for h in self.heads], dim=-3)
+        if self.pin_heads:
+            # a large finite gap rather than -inf: the soft samples stay exactly one-hot without NaN gradients
+            eye = torch.eye(self.n_tasks, dtype=torch.bool, device=logits.device)
+            pinned = torch.where(eye, 0.0, -1e4).to(logits.dtype).expand_as(logits[..., -1, :, :])
+            logits = torch.cat([logits[..., :-1, :, :], pinned.unsqueeze(-3)], dim=-3)
+        return logits
 
 
-def gumbel_samples(logits: Tensor, temperature: float, generator: torch.Generator | None = None
-                   ) -> tuple[Tensor, Tensor]:
-    """Gumbel-softmax samples of every child's parent: ``(hard straight-through, soft)``, each ``(L, N, N)``.
+def gumbel_samples(logits: Tensor, temperature: float, generator: torch.Generator | None = None,
+                   noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Gumbel-softmax samples of every child's parent: ``(hard straight-through, soft)``, shaped like ``logits``
+    (``(L, N, N)``, or ``(G, L, N, N)`` for G preferences).
 
-    The hard sample is one-hot in the forward pass and carries the soft sample's gradient.
+    The hard sample is one-hot in the forward pass and carries the soft sample's gradient. ``noise``
+    (standard Gumbel, shaped like ``logits``) replaces the drawn noise, for tests.
     """
-    uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
-    exponential = (-torch.log(uniform.clamp_min(1e-10))).clamp_min(1e-10)
-    gumbel = -torch.log(exponential)
-    soft = F.softmax((logits + gumbel) / temperature, dim=-1)
+    if noise is None:
+        uniform = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+        exponential = (-torch.log(uniform.clamp_min(1e-10))).clamp_min(1e-10)
+        noise = -torch.log(exponential)
+    soft = F.softmax((logits + noise.to(logits)) / temperature, dim=-1)
     hard = F.one_hot(soft.argmax(dim=-1), logits.shape[-1]).to(soft.dtype)
     return hard - soft.detach() + soft, soft
 

@@ -25,17 +25,36 @@ def _pairwise_sq_dist(rows: Tensor) -> Tensor:
     return (diff * diff).sum(dim=-1)
 
 
-def active_loss(nu: Tensor, usage: Tensor, active: Tensor, affinity: Tensor) -> Tensor:
+LAYER_WEIGHTINGS = ("paper", "all", "none")
+
+
+def layer_weights(n_layers: int, weighting: str = "paper") -> list[float]:
+    """Weight of the parent choices of block layer ``k`` (0-based; ``k = L-1`` is the heads' choice).
+
+    - ``"paper"``: ``(L - 1 - k) / L``, METHOD.md's ``(L - l) / L`` with ``l = k + 1``: 1 - 1/L near the input
+      down to 0 for the heads' choice;
+    - ``"all"``: ``(L - k) / L``, the reading with ``0 <= l < L``: 1 down to 1/L, every decision weighted;
+    - ``"none"``: 1 everywhere (the paper's ablation without layer weighting).
+    """
+    if weighting == "paper":
+        return [(n_layers - 1 - k) / n_layers for k in range(n_layers)]
+    if weighting == "all":
+        return [(n_layers - k) / n_layers for k in range(n_layers)]
+    if weighting == "none":
+        return [1.0] * n_layers
+    raise ValueError(f"layer_weighting must be one of {LAYER_WEIGHTINGS}, got {weighting!r}")
+
+
+def active_loss(nu: Tensor, usage: Tensor, active: Tensor, affinity: Tensor, weighting: str = "paper") -> Tensor:
     """Pull the parent choices of related active tasks together, more strongly near the input.
 
-    ``sum_k sum_{i != j in A} ((L - 1 - k) / L) * Aff[i, j] * P[k+1, i] * P[k+1, j] * ||nu[k, i] - nu[k, j]||^2``
-    (METHOD.md's ``(L - l) / L`` with ``l = k + 1``).
+    ``sum_k sum_{i != j in A} w_k * Aff[i, j] * P[k+1, i] * P[k+1, j] * ||nu[k, i] - nu[k, j]||^2`` with
+    ``w_k = layer_weights(L, weighting)[k]`` (``"paper"``: METHOD.md's ``(L - l) / L`` with ``l = k + 1``).
     """
     n_layers, n = nu.shape[0], nu.shape[1]
     pair = (active.unsqueeze(0) & active.unsqueeze(1)) & ~torch.eye(n, dtype=torch.bool, device=nu.device)
     total = nu.new_zeros(())
-    for k in range(n_layers):
-        weight = (n_layers - 1 - k) / n_layers
+    for k, weight in enumerate(layer_weights(n_layers, weighting)):
         if weight == 0:
             continue
         p = usage[k + 1]
@@ -60,7 +79,8 @@ def inactive_loss(nu: Tensor, active: Tensor) -> Tensor:
 
 
 def omega(nu: Tensor, r: Tensor, c: Tensor | float, affinity: Tensor, tau: float, lambda_active: float,
-          lambda_inactive: float) -> dict[str, Tensor]:
+          lambda_inactive: float, layer_weighting: str = "paper", use_affinity: bool = True,
+          task_dichotomy: bool = True, use_inactive: bool = True) -> dict[str, Tensor]:
     """``Omega = c * lambda_A * L_active + lambda_I * L_inactive`` and its terms.
 
     Args:
@@ -69,13 +89,17 @@ def omega(nu: Tensor, r: Tensor, c: Tensor | float, affinity: Tensor, tau: float
         c: the cost preference in [0, 1].
         affinity: task affinity ``(N, N)``.
         tau: tasks with ``r_t >= tau`` are active.
+        layer_weighting: see ``layer_weights``.
+        use_affinity, task_dichotomy, use_inactive: the paper's ablations (its table 6) when False: every
+            affinity 1; every task active (so no inactive term); no inactive term.
 
     Returns:
         ``omega``, ``active``, ``inactive`` (the unweighted terms) and ``usage`` (``P_use``).
     """
     usage = usage_probabilities(nu)
-    active = r >= tau
-    l_active = active_loss(nu, usage, active, affinity.to(nu))
-    l_inactive = inactive_loss(nu, active)
+    active = r >= tau if task_dichotomy else torch.ones_like(r, dtype=torch.bool)
+    aff = affinity.to(nu) if use_affinity else torch.ones_like(affinity, dtype=nu.dtype)
+    l_active = active_loss(nu, usage, active, aff, layer_weighting)
+    l_inactive = inactive_loss(nu, active) if use_inactive else nu.new_zeros(())
     total = c * lambda_active * l_active + lambda_inactive * l_inactive
     return {"omega": total, "active": l_active, "inactive": l_inactive, "usage": usage}

@@ -104,20 +104,35 @@ class StageModule(L.LightningModule):
             check_compatible(saved, "being resumed", [t.to_config() for t in self.tasks], None)
 
 
+LOSS_SCALES = ("config", "anchor")
+
+
 class PreferenceStage(StageModule):
     """Base class of the two hypernet stages: the anchor is frozen (BatchNorm on its running statistics),
-    one preference is drawn per training batch, and validation runs a fixed set of preferences.
+    each training batch is split into ``preference_groups`` groups with a preference each, and validation
+    runs a fixed set of preferences.
 
-    The preference of step ``s`` comes from a generator seeded by ``(seed, s)``: the same on every DDP
-    process and the same again after resuming.
+    The preferences of step ``s`` come from a generator seeded by ``(seed, s)`` (drawn in group order): the
+    same on every DDP process and the same again after resuming.
+
+    ``loss_scales="anchor"`` replaces the tasks' scales ``w_t`` in the training objective by
+    ``1 / L_t(anchor)`` on the validation set, so the anchor's scaled losses are all 1 and the regularizer
+    weights mean the same on every data set (METHOD.md: the lambdas act relative to the scaled task losses).
+    Reported metrics keep the configured scales.
     """
 
     def __init__(self, optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCallable | None,
-                 dirichlet_eta: float, seed: int, val_preferences: int) -> None:
+                 dirichlet_eta: float, seed: int, val_preferences: int, preference_groups: int = 1,
+                 loss_scales: str = "config") -> None:
         super().__init__(optimizer, lr_scheduler)
         if dirichlet_eta <= 0:
             raise ValueError(f"dirichlet_eta must be > 0, got {dirichlet_eta}")
+        if preference_groups < 1:
+            raise ValueError(f"preference_groups must be >= 1, got {preference_groups}")
+        if loss_scales not in LOSS_SCALES:
+            raise ValueError(f"loss_scales must be one of {LOSS_SCALES}, got {loss_scales!r}")
         self.dirichlet_eta, self.seed, self.num_val_preferences = dirichlet_eta, seed, val_preferences
+        self.preference_groups, self.loss_scales = preference_groups, loss_scales
 
     def build_on_parent(self, path: str, task_configs: Sequence[dict[str, Any]] | None, backbone: Backbone | None,
                         new_part: str, new_args: dict[str, Any]) -> dict[str, Any]:
@@ -140,9 +155,34 @@ class PreferenceStage(StageModule):
         self.model.anchor.eval()
         return self
 
-    def training_preference(self) -> Preference:
+    def training_preferences(self) -> list[Preference]:
+        """The ``preference_groups`` preferences of the current step (the first one is G = 1's)."""
         rng = np.random.default_rng([self.seed, self.global_step])
-        return sample_training_preference(self.model.n_tasks, rng, eta=self.dirichlet_eta)
+        return [sample_training_preference(self.model.n_tasks, rng, eta=self.dirichlet_eta)
+                for _ in range(self.preference_groups)]
+
+    def on_fit_start(self) -> None:
+        if self.loss_scales == "anchor":
+            self.calibrate_scales()
+
+    @torch.no_grad()
+    def calibrate_scales(self) -> None:
+        """``w_t = 1 / L_t(anchor)`` over the validation set (summed over DDP processes)."""
+        from dymu.evaluation import losses_from_sums, task_loss_sums
+
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            raise ValueError("loss_scales='anchor' needs a data module with a validation set")
+        total, support = task_loss_sums(lambda x: self.model.anchor(x), datamodule.val_dataloader(), self.tasks,
+                                        self.device)
+        total = self.trainer.strategy.reduce(total.to(self.device), reduce_op="sum")
+        support = self.trainer.strategy.reduce(support.to(self.device), reduce_op="sum")
+        losses = losses_from_sums(total.cpu(), support.cpu(), self.tasks)
+        if not bool((losses > 0).all()):
+            raise ValueError(f"loss_scales='anchor': the anchor's validation losses {losses.tolist()} must be > 0")
+        self.scales = (1.0 / losses).to(self.device)
+        print(f"[dymu] {self.stage_name}: loss scales from the anchor's validation losses: "
+              f"{dict(zip([t.name for t in self.tasks], [round(v, 4) for v in self.scales.tolist()]))}")
 
     def validation_preferences(self) -> list[Preference]:
         n = self.model.n_tasks

@@ -11,10 +11,9 @@ from torch import Tensor
 
 from dymu.affinity import load_affinity
 from dymu.backbones.base import Backbone
-from dymu.hypernets import gumbel_samples
 from dymu.preference import Preference
-from dymu.regularizer import omega
-from dymu.tasks import preference_loss
+from dymu.regularizer import layer_weights
+from dymu.training import edge_search_loss, temperature_at
 from lightning_modules.base import PreferenceStage, default_optimizer
 
 
@@ -29,8 +28,18 @@ class EdgeHypernetSearch(PreferenceStage):
         tau: activity threshold; default ``0.6 / N``.
         lambda_active, lambda_inactive: weights of the two regularizer terms.
         temperature, temperature_decay, temperature_every: Gumbel temperature ``zeta`` starts at
-            ``temperature`` and is multiplied by ``temperature_decay`` every ``temperature_every`` steps.
+            ``temperature`` and is multiplied by ``temperature_decay`` every ``temperature_every`` steps;
+            ``None`` (default): every ``max_steps / 100`` steps, so any run ends at the paper's final
+            temperature (5 * 0.97^100 = 0.24).
         dirichlet_eta: training preferences ``r ~ Dirichlet(eta)``, ``c ~ U(0, 1)``.
+        preference_groups: G; the batch is split into G groups, each trained for its own preference in one
+            batched forward (G = 1: the paper's one preference per batch).
+        loss_scales: ``"config"`` (the tasks' ``w_t``) or ``"anchor"`` (``1 / L_t(anchor)``, see
+            ``PreferenceStage``).
+        layer_weighting: the active loss's layer weights, ``"paper"``, ``"all"`` or ``"none"``
+            (``dymu.regularizer.layer_weights``).
+        pin_heads: every head keeps its own stream's last block (not searched).
+        use_affinity, task_dichotomy, use_inactive: the paper's table-6 ablations when False.
         embed_dim, hidden: edge hypernet sizes.
         seed: seeds the preference sequence.
         val_preferences: random preferences per ``c`` in {0, 1} at validation (plus the uniform one).
@@ -41,42 +50,47 @@ class EdgeHypernetSearch(PreferenceStage):
     def __init__(self, anchor_checkpoint: str, affinity: str, task_configs: Sequence[dict[str, Any]] | None = None,
                  backbone: Backbone | None = None, tau: float | None = None, lambda_active: float = 1.0,
                  lambda_inactive: float = 0.1, temperature: float = 5.0, temperature_decay: float = 0.97,
-                 temperature_every: int = 300, dirichlet_eta: float = 0.2, embed_dim: int = 32,
-                 hidden: int = 100, optimizer: OptimizerCallable = default_optimizer,
+                 temperature_every: int | None = None, dirichlet_eta: float = 0.2, preference_groups: int = 1,
+                 loss_scales: str = "config", layer_weighting: str = "paper", pin_heads: bool = False,
+                 use_affinity: bool = True, task_dichotomy: bool = True, use_inactive: bool = True,
+                 embed_dim: int = 32, hidden: int = 100, optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0, val_preferences: int = 4
                  ) -> None:
-        super().__init__(optimizer, lr_scheduler, dirichlet_eta, seed, val_preferences)
+        super().__init__(optimizer, lr_scheduler, dirichlet_eta, seed, val_preferences, preference_groups,
+                         loss_scales)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
-        self.build_on_parent(anchor_checkpoint, task_configs, backbone, "edge",
-                             {"embed_dim": embed_dim, "hidden": hidden})
+        edge_args: dict[str, Any] = {"embed_dim": embed_dim, "hidden": hidden}
+        if pin_heads:
+            edge_args["pin_heads"] = True
+        self.build_on_parent(anchor_checkpoint, task_configs, backbone, "edge", edge_args)
         n = self.model.n_tasks
         self.tau = 0.6 / n if tau is None else float(tau)
-        if temperature <= 0 or not 0 < temperature_decay <= 1 or temperature_every < 1:
-            raise ValueError(f"need temperature > 0, 0 < temperature_decay <= 1, temperature_every >= 1; got "
-                             f"{temperature}, {temperature_decay}, {temperature_every}")
-        self.lambda_active, self.lambda_inactive = lambda_active, lambda_inactive
+        if temperature <= 0 or not 0 < temperature_decay <= 1 or (temperature_every is not None
+                                                                   and temperature_every < 1):
+            raise ValueError(f"need temperature > 0, 0 < temperature_decay <= 1, temperature_every >= 1 or null; "
+                             f"got {temperature}, {temperature_decay}, {temperature_every}")
+        layer_weights(self.model.anchor.n_layers, layer_weighting)  # a clear error for an unknown weighting now
         self.temperature0, self.temperature_decay, self.temperature_every = temperature, temperature_decay, \
             temperature_every
+        self.regularizer = {"tau": self.tau, "lambda_active": lambda_active, "lambda_inactive": lambda_inactive,
+                            "layer_weighting": layer_weighting, "use_affinity": use_affinity,
+                            "task_dichotomy": task_dichotomy, "use_inactive": use_inactive}
         self.register_buffer("affinity", load_affinity(affinity, self.model.tasks).float())
 
     def temperature(self) -> float:
-        return self.temperature0 * self.temperature_decay ** (self.global_step // self.temperature_every)
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 0
+        return temperature_at(self.global_step, total, self.temperature0, self.temperature_decay,
+                              self.temperature_every)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        pref = self.training_preference()
-        r, c = pref.r_tensor(device=self.device), pref.c
-        logits = self.model.edge_logits(pref)
-        hard, soft = gumbel_samples(logits, self.temperature())
-        losses = self.losses(self.model.anchor(batch["image"], samples=hard), batch)
-        task_loss = preference_loss(losses, r, self.scales)
-        reg = omega(soft, r, c, self.affinity, self.tau, self.lambda_active, self.lambda_inactive)
-        loss = task_loss + reg["omega"]
-        self.log_dict({"train/task_loss": task_loss, "train/omega": reg["omega"],
-                       "train/omega_active": reg["active"], "train/omega_inactive": reg["inactive"],
+        out = edge_search_loss(self.model.anchor, self.model.edge_hypernet, self.tasks, self.scales, batch,
+                               self.training_preferences(), self.temperature(), self.affinity, self.regularizer)
+        self.log_dict({"train/task_loss": out["task_loss"], "train/omega": out["omega"],
+                       "train/omega_active": out["active"], "train/omega_inactive": out["inactive"],
                        "train/temperature": self.temperature(),
-                       "train/expected_used_fraction": reg["usage"][:-1].mean()})
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+                       "train/expected_used_fraction": out["expected_used_fraction"]})
+        self.log("train/loss", out["loss"], prog_bar=True)
+        return out["loss"]
 
     def preference_forward(self, x: Tensor, pref: Preference) -> dict[str, Tensor]:
         with torch.no_grad():

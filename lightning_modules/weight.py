@@ -11,7 +11,7 @@ from torch import Tensor
 from dymu.backbones.base import Backbone
 from dymu.checkpoint import META_KEY
 from dymu.preference import Preference
-from dymu.tasks import preference_loss
+from dymu.training import weight_adaptation_loss
 from lightning_modules.base import PreferenceStage, default_optimizer
 
 
@@ -27,6 +27,8 @@ class WeightHypernetAdaptation(PreferenceStage):
         task_configs: task configs (linked from the data module); must match the checkpoint's.
         backbone: optional; if given it must equal the checkpoint's.
         dirichlet_eta: training preferences ``r ~ Dirichlet(eta)``, ``c ~ U(0, 1)``.
+        preference_groups: G; the batch is split into G groups, each trained for its own preference.
+        loss_scales: ``"config"`` or ``"anchor"`` (see ``PreferenceStage``).
         embed_dim, hidden: weight hypernet sizes.
         bn_statistics: ``"running"`` (the anchor's statistics, METHOD.md's default) or ``"batch"``.
         seed: seeds the preference sequence.
@@ -36,11 +38,13 @@ class WeightHypernetAdaptation(PreferenceStage):
     stage_name = "weight"
 
     def __init__(self, edge_checkpoint: str, task_configs: Sequence[dict[str, Any]] | None = None,
-                 backbone: Backbone | None = None, dirichlet_eta: float = 0.2, embed_dim: int = 32,
+                 backbone: Backbone | None = None, dirichlet_eta: float = 0.2, preference_groups: int = 1,
+                 loss_scales: str = "config", embed_dim: int = 32,
                  hidden: int = 100, bn_statistics: str = "running", optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0, val_preferences: int = 4
                  ) -> None:
-        super().__init__(optimizer, lr_scheduler, dirichlet_eta, seed, val_preferences)
+        super().__init__(optimizer, lr_scheduler, dirichlet_eta, seed, val_preferences, preference_groups,
+                         loss_scales)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
         ckpt = self.build_on_parent(edge_checkpoint, task_configs, backbone, "weight",
                                     {"embed_dim": embed_dim, "hidden": hidden, "bn_statistics": bn_statistics})
@@ -49,13 +53,10 @@ class WeightHypernetAdaptation(PreferenceStage):
                              "the weight stage starts from the edge stage's checkpoint")
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        pref = self.training_preference()
-        outputs = self.preference_forward(batch["image"], pref)
-        losses = self.losses(outputs, batch)
-        loss = preference_loss(losses, pref.r_tensor(device=self.device), self.scales)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log_task_losses("train", losses)
-        return loss
+        out = weight_adaptation_loss(self.model, self.tasks, self.scales, batch, self.training_preferences())
+        self.log("train/loss", out["loss"], prog_bar=True)
+        self.log_task_losses("train", out["losses"])
+        return out["loss"]
 
     def preference_forward(self, x: Tensor, pref: Preference) -> dict[str, Tensor]:
         return self.model(x, pref)

@@ -40,6 +40,16 @@ def test_batches(data_config: dict[str, Any], max_batches: int | None) -> tuple[
     return batches, data.tasks
 
 
+def run_data_config(run_dir: Path) -> dict[str, Any]:
+    """The data config of a run: its pipeline config's (``dymu run``, sweep trials), else the anchor stage's."""
+    for name in ("pipeline.yaml", "anchor.yaml"):
+        path = run_dir / "configs" / name
+        if path.is_file():
+            return read_yaml(path)["data"]
+    raise FileNotFoundError(f"{run_dir} holds no configs/pipeline.yaml or configs/anchor.yaml: is it a run "
+                            "directory written by `dymu run`?")
+
+
 def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_preferences: int = 1000,
                  seed: int = 0, reference_point: Sequence[float] | None = None,
                  max_batches: int | None = None, device: str = "cpu") -> dict[str, Any]:
@@ -56,7 +66,7 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
     """
     run_dir = Path(run_dir)
     model = DynamicMultiTaskModel.from_run(run_dir).to(device)
-    batches, tasks = test_batches(read_yaml(run_dir / "configs" / "anchor.yaml")["data"], max_batches)
+    batches, tasks = test_batches(run_data_config(run_dir), max_batches)
     n = model.n_tasks
 
     anchor_losses = scaled(mean_task_losses(model.anchor, batches, tasks, device), tasks)
