@@ -88,16 +88,15 @@ def edge_search_loss(anchor: AnchorNet, edge_hypernet: EdgeHypernet, tasks: Sequ
     sizes = torch.tensor([p.stop - p.start for p in parts], device=image.device)
     per_sample = torch.repeat_interleave(hard, sizes, dim=0)
     outputs = anchor(image, samples=per_sample)
-    task_terms, reg_terms = [], []
+    task_terms = []
     for g, part in enumerate(parts):
         losses = task_losses(list(tasks), {k: v[part] for k, v in outputs.items()}, batch_slice(batch, part))
         task_terms.append(preference_loss(losses, r[g], scales))
-        reg_terms.append(omega(soft[g], r[g], c[g], affinity, **regularizer))
-    task_loss = torch.stack(task_terms).mean()
-    out = {key: torch.stack([t[key] for t in reg_terms]).mean() for key in ("omega", "active", "inactive")}
-    out["expected_used_fraction"] = torch.stack([t["usage"][:-1].mean() for t in reg_terms]).mean()
-    out["task_loss"] = task_loss
-    out["loss"] = task_loss + out["omega"]
+    reg = omega(soft, r, c, affinity, **regularizer)  # every group at once
+    out = {key: reg[key].mean() for key in ("omega", "active", "inactive")}
+    out["expected_used_fraction"] = reg["usage"][:, :-1].mean()
+    out["task_loss"] = torch.stack(task_terms).mean()
+    out["loss"] = out["task_loss"] + out["omega"]
     return out
 
 

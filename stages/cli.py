@@ -108,7 +108,10 @@ commands:
       [--data_root R] [--set KEY=VALUE]   (R sets data.init_args.root; --set overrides any entry)
   affinity --config C.yaml --anchor_checkpoint A --out_dir D   the RSA affinity the edge stage reads
   configs --config P.yaml --out DIR --run_dir D   write anchor/edge/weight.yaml for running stages by hand
-  evaluate --run_dir D                  the evaluation protocol: metrics.json and report.md
+  evaluate --run_dir D                  the evaluation protocol: metrics.json, report.md and plots
+  sweep --sweep S.yaml --run_dir D [--trials K] [--config P.yaml]
+                                        a local sweep of the hypernet stages over D's anchor (D/sweeps/)
+  trial --run_dir D --KEY=VALUE ...     one sweep trial (the command a W&B sweep agent runs)
   info --config P.yaml                  N, L, parameters and GFLOPs, without data or training
 """
 
@@ -139,6 +142,10 @@ def entry_point(argv: list[str] | None = None) -> int:
         from stages.evaluate import main as evaluate_main
 
         return evaluate_main(rest)
+    if command in ("sweep", "trial"):
+        from stages.sweep import sweep_main, trial_main
+
+        return (sweep_main if command == "sweep" else trial_main)(rest)
     if command == "info":
         from stages.info import main as info_main
 

@@ -1,7 +1,8 @@
 """``dymu evaluate --run_dir D``: METHOD.md's evaluation protocol on a finished run.
 
 Writes ``<run_dir>/evaluation/metrics.json`` (one record per method, adaptation and c, with the
-per-preference loss vectors and trees) and ``report.md``.
+per-preference loss vectors and trees), ``report.md`` and its figures (``stages.plots``): resource usage over
+the task simplex and marginal controllability.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dymu.model import DynamicMultiTaskModel
 from dymu.preference import Preference, cost_preferences, evaluation_preferences
 from dymu.search_space import Architecture
 from stages.common import build_data, read_yaml
+from stages.plots import write_plots
 
 
 def test_batches(data_config: dict[str, Any], max_batches: int | None) -> tuple[list[dict], list]:
@@ -50,10 +52,33 @@ def run_data_config(run_dir: Path) -> dict[str, Any]:
                             "directory written by `dymu run`?")
 
 
+def with_hypervolume_ratios(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of ``records`` with ``hypervolume_ratio``: the hypervolume over the single-task anchor's at the
+    same ``c`` (the anchor's own record gets 1), placed after ``hypervolume_method``.
+
+    The ratio is None where no anchor record has that ``c`` or the anchor's hypervolume is 0.
+    """
+    anchor_hv = {rec["c"]: rec["hypervolume"] for rec in records if rec["method"] == "single-task anchor"}
+    out = []
+    for rec in records:
+        base = anchor_hv.get(rec["c"])
+        ratio = rec["hypervolume"] / base if base else None
+        new: dict[str, Any] = {}
+        for key, value in rec.items():
+            if key != "hypervolume_ratio":
+                new[key] = value
+            if key == "hypervolume_method":
+                new["hypervolume_ratio"] = ratio
+        new.setdefault("hypervolume_ratio", ratio)
+        out.append(new)
+    return out
+
+
 def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_preferences: int = 1000,
                  seed: int = 0, reference_point: Sequence[float] | None = None,
                  max_batches: int | None = None, device: str = "cpu") -> dict[str, Any]:
-    """Evaluate a run directory and write ``evaluation/metrics.json`` and ``evaluation/report.md``.
+    """Evaluate a run directory and write ``evaluation/metrics.json``, ``evaluation/report.md`` and the
+    report's figures (``evaluation/resource_usage.png``, ``evaluation/marginal_controllability.png``).
 
     Args:
         run_dir: holds ``configs/anchor.yaml`` (its data section) and the stage checkpoints.
@@ -108,10 +133,11 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
         "control_params": model.control_parameters(),
         "inference_cost": costs,
         "controllability": controllability_grid(model),
-        "records": records,
+        "records": with_hypervolume_ratios(records),
     }
     out_dir = run_dir / "evaluation"
     out_dir.mkdir(parents=True, exist_ok=True)
+    result["plots"] = write_plots(model, result, out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))
     (out_dir / "report.md").write_text(render_report(result))
     print(render_report(result))
@@ -127,13 +153,16 @@ def render_report(result: dict[str, Any]) -> str:
         "scaled test losses `w_t * L_t` (lower is better).",
         f"Hypervolume reference point: {[round(v, 4) for v in result['reference_point']]} "
         f"({result['reference_point_source']}).", "",
-        "## Controlled trade-offs (20 preferences r ~ Dirichlet(1) per c)", "",
-        "| method | BN adaptation | c | hypervolume | uniformity | mean params | mean GFLOPs |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"## Controlled trade-offs ({len(result['records'][0]['preferences'])} preferences r ~ Dirichlet(1) per c)",
+        "", "HV / anchor's: the hypervolume over the single-task anchor's at the same c.", "",
+        "| method | BN adaptation | c | hypervolume | HV / anchor's | uniformity | mean params | mean GFLOPs |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for rec in result["records"]:
+        ratio = rec.get("hypervolume_ratio")
         lines.append(f"| {rec['method']} | {'yes' if rec['adaptation'] else 'no'} | {rec['c']:g} | "
-                     f"{rec['hypervolume']:.4g} ({rec['hypervolume_method']}) | {rec['uniformity']:.4f} | "
+                     f"{rec['hypervolume']:.4g} ({rec['hypervolume_method']}) | "
+                     f"{'-' if ratio is None else f'{ratio:.3f}'} | {rec['uniformity']:.4f} | "
                      f"{rec['mean_params']:,.0f} | {rec['mean_gflops']:.4f} |")
     lines += ["", "## Inference cost of the pruned model", "",
               f"Anchor (N single-task networks): {anchor['params']:,} parameters, {anchor['gflops']:.4f} GFLOPs "
@@ -156,6 +185,18 @@ def render_report(result: dict[str, Any]) -> str:
             f"{row['params'][c]:,} (`{row['architecture'][c]}`)" for c in cs) + " |")
     lines += ["", "Trees are written `parents of layer 1 | ... | parents of the heads`, one stream index per "
               "task.", ""]
+    plots = result.get("plots") or {}
+    captions = {
+        "resource_usage": "used-parameter fraction of the pruned model (of the anchor's) over the task simplex, "
+                          "one panel per c (the paper's figure 5)",
+        "marginal_controllability": "each task's scaled test loss against its own preference r_t, c in {0, 1}, "
+                                    "with and without adaptation; dashed: the single-task anchor (the paper's "
+                                    "figure 7)",
+    }
+    if plots:
+        lines += ["## Figures", ""]
+        for name, file in plots.items():
+            lines += [f"- `{file}`: {captions.get(name, name)}.", "", f"![{name}]({file})", ""]
     return "\n".join(lines)
 
 

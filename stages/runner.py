@@ -63,10 +63,13 @@ def stage_config(config: dict[str, Any], stage: str, run_dir: Path) -> dict[str,
     model = section.get("model", {})
     if stage == "anchor":
         model["backbone"] = copy.deepcopy(config["backbone"])
-    elif stage == "edge":
+    else:
+        # the hypernet stages' preference sequence follows the run's seed unless set on its own
+        model.setdefault("seed", config.get("seed_everything", 0))
+    if stage == "edge":
         model["anchor_checkpoint"] = str(run_dir / "anchor" / FINAL_CHECKPOINT)
         model["affinity"] = str(run_dir / "affinity.json")
-    else:
+    elif stage == "weight":
         model["edge_checkpoint"] = str(run_dir / "edge" / FINAL_CHECKPOINT)
     data = copy.deepcopy(config["data"])
     data.setdefault("init_args", {}).update(section.get("data") or {})
@@ -164,8 +167,10 @@ def write_stage_configs(config: dict[str, Any], out_dir: str | Path, run_dir: st
 
 
 def run_pipeline(config_path: str | Path, run_dir: str | Path | None = None, evaluate: bool = True,
-                 overrides: list[str] | None = None, data_root: str | None = None) -> Path:
-    """Run every stage of a pipeline config; return the run directory."""
+                 overrides: list[str] | None = None, data_root: str | None = None,
+                 stages: tuple[str, ...] = STAGES) -> Path:
+    """Run the stages of a pipeline config (all by default; ``("anchor",)``: the anchor and its affinity);
+    return the run directory."""
     config = load_pipeline_config(config_path, overrides, data_root)
     run_dir = Path(run_dir or config.get("run_dir") or Path("runs") / Path(config_path).stem).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +186,11 @@ def run_pipeline(config_path: str | Path, run_dir: str | Path | None = None, eva
                                num_images=int(affinity_cfg.get("num_images", 100)),
                                seed=int(affinity_cfg.get("seed", 0)))
         print(f"[dymu run] affinity:\n{aff.numpy().round(3)}")
+    if "edge" not in stages:
+        return run_dir
     run_stage("edge", stage_config(config, "edge", run_dir), run_dir)
+    if "weight" not in stages:
+        return run_dir
     run_stage("weight", stage_config(config, "weight", run_dir), run_dir)
     if evaluate:
         from stages.evaluate import evaluate_run

@@ -217,3 +217,18 @@ def test_batched_hypernet_equals_one_preference_at_a_time():
     batched = net(r, c)
     for g in range(2):
         torch.testing.assert_close(batched[g], net(r[g], c[g]))
+
+
+def test_batched_regularizer_equals_one_preference_at_a_time():
+    gen = torch.Generator().manual_seed(7)
+    nu = torch.softmax(torch.randn(5, 3, 4, 4, generator=gen, dtype=torch.float64) * 2, dim=-1)
+    r = torch.tensor([[0.25] * 4, [0.7, 0.1, 0.1, 0.1], [0.05, 0.05, 0.05, 0.85], [0.4, 0.4, 0.1, 0.1],
+                      [0.1, 0.1, 0.1, 0.7]], dtype=torch.float64)
+    c = torch.tensor([0.0, 0.3, 1.0, 0.5, 0.9], dtype=torch.float64)
+    aff = torch.rand(4, 4, generator=gen, dtype=torch.float64)
+    for switches in ({}, {"layer_weighting": "all"}, {"task_dichotomy": False}, {"use_inactive": False}):
+        batched = omega(nu, r, c, aff, tau=0.15, lambda_active=1.0, lambda_inactive=0.1, **switches)
+        for g in range(5):
+            single = omega(nu[g], r[g], c[g], aff, tau=0.15, lambda_active=1.0, lambda_inactive=0.1, **switches)
+            for key in ("omega", "active", "inactive", "usage"):
+                torch.testing.assert_close(batched[key][g], single[key])
