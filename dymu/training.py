@@ -61,7 +61,8 @@ def temperature_at(step: int, total_steps: int, start: float = 5.0, decay: float
 
 def edge_search_loss(anchor: AnchorNet, edge_hypernet: EdgeHypernet, tasks: Sequence[Task], scales: Tensor,
                      batch: Batch, prefs: Sequence[Preference], temperature: float, affinity: Tensor,
-                     regularizer: Mapping[str, Any], noise: Tensor | None = None) -> dict[str, Tensor]:
+                     regularizer: Mapping[str, Any], noise: Tensor | None = None, straight_through: bool = True
+                     ) -> dict[str, Tensor]:
     """Stage 2's objective ``mean_g [L_task(r_g) + Omega(r_g, c_g)]`` on a batch split into preference groups.
 
     Args:
@@ -74,6 +75,8 @@ def edge_search_loss(anchor: AnchorNet, edge_hypernet: EdgeHypernet, tasks: Sequ
         affinity: task affinity ``(N, N)``.
         regularizer: keyword arguments of ``dymu.regularizer.omega`` except ``nu, r, c, affinity``.
         noise: Gumbel noise ``(G, L, N, N)`` (tests); default: drawn.
+        straight_through: the task loss of the hard tree with the soft sample's gradient (METHOD.md, Learning
+            to Branch); False: the task loss of the soft mixture itself (the relaxed Gumbel-softmax objective).
 
     Returns:
         ``loss``, ``task_loss``, ``omega``, ``active``, ``inactive`` (means over groups) and
@@ -86,7 +89,7 @@ def edge_search_loss(anchor: AnchorNet, edge_hypernet: EdgeHypernet, tasks: Sequ
     logits = edge_hypernet(r, c)
     hard, soft = gumbel_samples(logits, temperature, noise=None if noise is None else noise[:len(parts)])
     sizes = torch.tensor([p.stop - p.start for p in parts], device=image.device)
-    per_sample = torch.repeat_interleave(hard, sizes, dim=0)
+    per_sample = torch.repeat_interleave(hard if straight_through else soft, sizes, dim=0)
     outputs = anchor(image, samples=per_sample)
     task_terms = []
     for g, part in enumerate(parts):

@@ -40,6 +40,8 @@ class EdgeHypernetSearch(PreferenceStage):
             (``dymu.regularizer.layer_weights``).
         pin_heads: every head keeps its own stream's last block (not searched).
         use_affinity, task_dichotomy, use_inactive: the paper's table-6 ablations when False.
+        straight_through: task loss of the hard sampled tree with the soft gradient (default), or of the soft
+            mixture of parents (False).
         embed_dim, hidden: edge hypernet sizes.
         seed: seeds the preference sequence.
         val_preferences: random preferences per ``c`` in {0, 1} at validation (plus the uniform one).
@@ -53,7 +55,8 @@ class EdgeHypernetSearch(PreferenceStage):
                  temperature_every: int | None = None, dirichlet_eta: float = 0.2, preference_groups: int = 1,
                  loss_scales: str = "config", layer_weighting: str = "paper", pin_heads: bool = False,
                  use_affinity: bool = True, task_dichotomy: bool = True, use_inactive: bool = True,
-                 embed_dim: int = 32, hidden: int = 100, optimizer: OptimizerCallable = default_optimizer,
+                 straight_through: bool = True, embed_dim: int = 32, hidden: int = 100,
+                 optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0, val_preferences: int = 4
                  ) -> None:
         super().__init__(optimizer, lr_scheduler, dirichlet_eta, seed, val_preferences, preference_groups,
@@ -75,6 +78,7 @@ class EdgeHypernetSearch(PreferenceStage):
         self.regularizer = {"tau": self.tau, "lambda_active": lambda_active, "lambda_inactive": lambda_inactive,
                             "layer_weighting": layer_weighting, "use_affinity": use_affinity,
                             "task_dichotomy": task_dichotomy, "use_inactive": use_inactive}
+        self.straight_through = straight_through
         self.register_buffer("affinity", load_affinity(affinity, self.model.tasks).float())
 
     def temperature(self) -> float:
@@ -84,7 +88,8 @@ class EdgeHypernetSearch(PreferenceStage):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = edge_search_loss(self.model.anchor, self.model.edge_hypernet, self.tasks, self.scales, batch,
-                               self.training_preferences(), self.temperature(), self.affinity, self.regularizer)
+                               self.training_preferences(), self.temperature(), self.affinity, self.regularizer,
+                               straight_through=self.straight_through)
         self.log_dict({"train/task_loss": out["task_loss"], "train/omega": out["omega"],
                        "train/omega_active": out["active"], "train/omega_inactive": out["inactive"],
                        "train/temperature": self.temperature(),

@@ -232,3 +232,18 @@ def test_batched_regularizer_equals_one_preference_at_a_time():
             single = omega(nu[g], r[g], c[g], aff, tau=0.15, lambda_active=1.0, lambda_inactive=0.1, **switches)
             for key in ("omega", "active", "inactive", "usage"):
                 torch.testing.assert_close(batched[key][g], single[key])
+
+
+def test_relaxed_task_loss_uses_the_soft_mixture():
+    model = small_model(4)
+    batch = batch_of(4, seed=4)
+    noise = torch.zeros(1, model.anchor.n_layers, 3, 3)
+    pref = PREFS[1]
+    out = edge_search_loss(model.anchor, model.edge_hypernet, TASKS, task_scales(TASKS), batch, [pref], 2.0,
+                           torch.ones(3, 3), REG, noise=noise, straight_through=False)
+    with torch.no_grad():
+        soft = torch.softmax(model.edge_logits(pref) / 2.0, dim=-1)
+        outputs = model.anchor(batch["image"], samples=soft)
+        losses = torch.stack([t.loss(outputs[t.name], batch[t.name]) for t in TASKS])
+    torch.testing.assert_close(out["task_loss"], (pref.r_tensor() * task_scales(TASKS) * losses).sum(),
+                               atol=1e-5, rtol=1e-5)
