@@ -14,7 +14,7 @@ Three forward modes, one routing rule (child ``(k+1, j)`` consumes the path of i
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -113,6 +113,30 @@ def batch_statistics(module: nn.Module) -> Iterator[None]:
         for bn, track, mean, var, count in saved:
             bn.track_running_stats = track
             bn.running_mean, bn.running_var, bn.num_batches_tracked = mean, var, count
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(module: nn.Module, inputs: Iterable[Tensor]) -> nn.Module:
+    """Re-estimate the running statistics of every BatchNorm in ``module`` (a specialised tree) as the plain
+    average over ``inputs`` (a few training batches), then put it in eval mode: deployable statistics for a
+    tree whose blocks see another stream's features, with no dependence on the test batch."""
+    bns = _batchnorms(module)
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        if bn.running_mean is None:
+            raise ValueError("recalibrate_batchnorm needs BatchNorms that track running statistics")
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    module.train()
+    count = 0
+    for x in inputs:
+        module(x)
+        count += 1
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+    if count == 0:
+        raise ValueError("recalibrate_batchnorm got no input batches")
+    return module.eval()
 
 
 class AnchorNet(nn.Module):

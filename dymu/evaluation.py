@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from dymu.anchor import recalibrate_batchnorm
 from dymu.metrics import hypervolume, hypervolume_method, mean_uniformity
 from dymu.model import DynamicMultiTaskModel
 from dymu.preference import Preference
@@ -61,15 +62,21 @@ def scaled(losses: Tensor, tasks: Sequence[Task]) -> list[float]:
 
 
 def preference_records(model: DynamicMultiTaskModel, prefs: Sequence[Preference], batches: Sequence[Batch],
-                       tasks: Sequence[Task], adapt: bool, device: torch.device | str = "cpu"
-                       ) -> list[dict[str, Any]]:
+                       tasks: Sequence[Task], adapt: bool, device: torch.device | str = "cpu",
+                       recalibrate: Sequence[Tensor] | None = None) -> list[dict[str, Any]]:
     """For each preference: its tree, cost and scaled test-loss vector. Without adaptation the losses
-    depend only on the tree, so each distinct tree is evaluated once."""
+    depend only on the tree, so each distinct tree is evaluated once. With ``recalibrate`` (training
+    images; no adaptation) each tree is specialised and its BatchNorm statistics re-estimated on them."""
     cache: dict[Architecture, list[float]] = {}
     records = []
     for pref in tqdm(prefs, desc=f"evaluate (c={prefs[0].c:g}, adaptation={adapt})", leave=False):
         arch = model.architecture(pref)
-        if adapt and model.weight_hypernet is not None:
+        if recalibrate is not None:
+            if arch not in cache:
+                tree = recalibrate_batchnorm(model.anchor.specialize(arch), [x.to(device) for x in recalibrate])
+                cache[arch] = scaled(mean_task_losses(tree, batches, tasks, device), tasks)
+            losses = cache[arch]
+        elif adapt and model.weight_hypernet is not None:
             deltas = model.bn_deltas(pref)
             losses = scaled(mean_task_losses(
                 lambda x, a=arch, d=deltas: model.run_tree(x, a, d), batches, tasks,

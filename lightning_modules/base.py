@@ -96,7 +96,8 @@ class StageModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[META_KEY] = {"stage": self.stage_name, "model": self.model.config(), "parent": self.parent,
-                                "tasks": [t.to_config() for t in self.tasks]}
+                                "tasks": [t.to_config() for t in self.tasks],
+                                "loss_scales": [float(v) for v in self.scales.tolist()]}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(META_KEY, {}).get("model")
@@ -115,10 +116,11 @@ class PreferenceStage(StageModule):
     The preferences of step ``s`` come from a generator seeded by ``(seed, s)`` (drawn in group order): the
     same on every DDP process and the same again after resuming.
 
-    ``loss_scales="anchor"`` replaces the tasks' scales ``w_t`` in the training objective by
-    ``1 / L_t(anchor)`` on the validation set, so the anchor's scaled losses are all 1 and the regularizer
-    weights mean the same on every data set (METHOD.md: the lambdas act relative to the scaled task losses).
-    Reported metrics keep the configured scales.
+    ``loss_scales="anchor"`` replaces the tasks' scales ``w_t`` in this stage's objective (and its logged
+    ``train/loss`` and ``val/loss``) by ``1 / L_t(anchor)`` on the validation set, so the anchor's scaled losses
+    are all 1 and the regularizer weights mean the same on every data set (METHOD.md: the lambdas act
+    relative to the scaled task losses). The values are stored in the checkpoint's metadata
+    (``loss_scales``). ``dymu evaluate`` keeps the configured scales (the paper's protocol).
     """
 
     def __init__(self, optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCallable | None,
@@ -181,8 +183,9 @@ class PreferenceStage(StageModule):
         if not bool((losses > 0).all()):
             raise ValueError(f"loss_scales='anchor': the anchor's validation losses {losses.tolist()} must be > 0")
         self.scales = (1.0 / losses).to(self.device)
-        print(f"[dymu] {self.stage_name}: loss scales from the anchor's validation losses: "
-              f"{dict(zip([t.name for t in self.tasks], [round(v, 4) for v in self.scales.tolist()]))}")
+        if self.trainer.is_global_zero:
+            print(f"[dymu] {self.stage_name}: loss scales 1 / L_t(anchor) on the validation set: "
+                  f"{dict(zip([t.name for t in self.tasks], [round(v, 4) for v in self.scales.tolist()]))}")
 
     def validation_preferences(self) -> list[Preference]:
         n = self.model.n_tasks

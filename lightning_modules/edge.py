@@ -33,7 +33,8 @@ class EdgeHypernetSearch(PreferenceStage):
             temperature (5 * 0.97^100 = 0.24).
         dirichlet_eta: training preferences ``r ~ Dirichlet(eta)``, ``c ~ U(0, 1)``.
         preference_groups: G; the batch is split into G groups, each trained for its own preference in one
-            batched forward (G = 1: the paper's one preference per batch).
+            batched forward (G = 1, the default: the paper's one preference per batch; the quickstart uses 8,
+            measured in docs/controllability.md; a batch smaller than G gets one preference per sample).
         loss_scales: ``"config"`` (the tasks' ``w_t``) or ``"anchor"`` (``1 / L_t(anchor)``, see
             ``PreferenceStage``).
         layer_weighting: the active loss's layer weights, ``"paper"``, ``"all"`` or ``"none"``
@@ -82,7 +83,13 @@ class EdgeHypernetSearch(PreferenceStage):
         self.register_buffer("affinity", load_affinity(affinity, self.model.tasks).float())
 
     def temperature(self) -> float:
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 0
+        total = 0
+        if self._trainer is not None and self.temperature_every is None:
+            estimated = self.trainer.estimated_stepping_batches
+            if estimated == float("inf"):
+                raise ValueError("the temperature schedule is tied to the step budget, but this run has none: set "
+                                 "trainer.max_steps (or max_epochs), or model.temperature_every")
+            total = int(estimated)
         return temperature_at(self.global_step, total, self.temperature0, self.temperature_decay,
                               self.temperature_every)
 

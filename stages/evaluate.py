@@ -42,6 +42,18 @@ def test_batches(data_config: dict[str, Any], max_batches: int | None) -> tuple[
     return batches, data.tasks
 
 
+def training_images(data_config: dict[str, Any], num_batches: int) -> list[torch.Tensor]:
+    """The images of the first ``num_batches`` training batches (for BatchNorm recalibration)."""
+    data = build_data(data_config)
+    data.setup("fit")
+    images = []
+    for batch in data.train_dataloader():
+        images.append(batch["image"])
+        if len(images) >= num_batches:
+            break
+    return images
+
+
 def run_data_config(run_dir: Path) -> dict[str, Any]:
     """The data config of a run: its pipeline config's (``dymu run``, sweep trials), else the anchor stage's."""
     for name in ("pipeline.yaml", "anchor.yaml"):
@@ -76,7 +88,8 @@ def with_hypervolume_ratios(records: Sequence[dict[str, Any]]) -> list[dict[str,
 
 def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_preferences: int = 1000,
                  seed: int = 0, reference_point: Sequence[float] | None = None,
-                 max_batches: int | None = None, device: str = "cpu") -> dict[str, Any]:
+                 max_batches: int | None = None, device: str = "cpu", recalibrate_batches: int = 0
+                 ) -> dict[str, Any]:
     """Evaluate a run directory and write ``evaluation/metrics.json``, ``evaluation/report.md`` and the
     report's figures (``evaluation/resource_usage.png``, ``evaluation/marginal_controllability.png``).
 
@@ -88,6 +101,8 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
         reference_point: hypervolume reference (scaled losses); default: twice the single-task anchor's
             scaled test losses (stated in the report).
         max_batches: evaluate on at most this many test batches (default: the whole test split).
+        recalibrate_batches: if > 0, add the method "dymu, recalibrated BN": each tree without adaptation,
+            its BatchNorm statistics re-estimated on this many training batches.
     """
     run_dir = Path(run_dir)
     model = DynamicMultiTaskModel.from_run(run_dir).to(device)
@@ -112,6 +127,13 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
         for adapt in ([False, True] if model.weight_hypernet is not None else [False]):
             recs = preference_records(model, prefs, batches, tasks, adapt=adapt, device=device)
             records.append({"method": "dymu", "adaptation": adapt, "c": c,
+                            **front_summary(recs, reference_point), "preferences": recs})
+        if recalibrate_batches > 0:
+            if c == 0.0:
+                calibration = training_images(run_data_config(run_dir), recalibrate_batches)
+            recs = preference_records(model, prefs, batches, tasks, adapt=False, device=device,
+                                      recalibrate=calibration)
+            records.append({"method": "dymu, recalibrated BN", "adaptation": False, "c": c,
                             **front_summary(recs, reference_point), "preferences": recs})
 
     cost_prefs = cost_preferences(n, num_cost_preferences, seed=seed)
@@ -208,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="default 0")
     parser.add_argument("--max_batches", type=int, default=None, help="default: the whole test split")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--recalibrate_batches", type=int, default=None,
+                        help="also evaluate each tree with BatchNorm statistics re-estimated on K training batches")
     args = parser.parse_args(argv)
     pipeline = Path(args.run_dir) / "configs" / "pipeline.yaml"
     options = (read_yaml(pipeline).get("evaluate") or {}) if pipeline.is_file() else {}

@@ -225,14 +225,13 @@ def trial_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
 
     out: dict[str, float] = {}
     for c in (0.0, 1.0):
-        anchor = record("single-task anchor", c, False)
         for adapt, suffix in ((True, ""), (False, "_noadapt")):
-            rec = record("dymu", c, adapt) or record("dymu", c, False)
-            out[f"hv_ratio_c{c:g}{suffix}"] = rec["hypervolume"] / anchor["hypervolume"] if anchor["hypervolume"] \
-                else float("nan")
+            rec = record("dymu", c, adapt)  # no adapted record without a weight stage: NaN, not a relabelled one
+            ratio = rec.get("hypervolume_ratio") if rec is not None else None
+            out[f"hv_ratio_c{c:g}{suffix}"] = float("nan") if ratio is None else float(ratio)
             if adapt:
-                out[f"uniformity_c{c:g}"] = rec["uniformity"]
-        out["uniformity_anchor"] = anchor["uniformity"]
+                out[f"uniformity_c{c:g}"] = rec["uniformity"] if rec is not None else float("nan")
+        out["uniformity_anchor"] = record("single-task anchor", c, False)["uniformity"]
     anchor_params = evaluation["anchor"]["params"]
     costs = evaluation["inference_cost"]
 
@@ -278,6 +277,10 @@ def run_sweep(sweep_path: str | Path, run_dir: str | Path, trials: int | None = 
     plan = plan_trials(sweep, trials, seed)
     parent = read_yaml(run_dir / "configs" / "pipeline.yaml") if (run_dir / "configs" / "pipeline.yaml").is_file() \
         else None
+    if parent is None and config_path is not None:
+        from stages.runner import load_pipeline_config
+
+        parent = load_pipeline_config(config_path, list(overrides))
     for params in plan:  # check every trial's config before any training
         if parent is not None:
             trial_config(parent, params)
@@ -345,8 +348,21 @@ def parse_trial_arguments(items: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ValueError(f"trial argument {item!r} must look like --dotted.key=value")
         check_accepted(key, "dymu trial")
-        params[key] = yaml.safe_load(raw)
+        params[key] = parse_value(raw)
     return params
+
+
+def parse_value(raw: str) -> Any:
+    """A value as W&B writes it into ``${args}`` (Python's ``str``: ``1e-05``, ``None``, ``True``) or as YAML."""
+    if raw in ("None", "null", "~"):
+        return None
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(raw)
+        except ValueError:
+            return value
+    return value
 
 
 def trial_main(argv: list[str] | None = None) -> int:

@@ -168,3 +168,21 @@ def test_stream_features_and_architecture_mismatch():
         net(torch.randn(1, 3, 16, 16), architecture=[[0, 1, 2], [0, 1, 2]])
     with pytest.raises(ValueError, match="edge samples must have shape"):
         net(torch.randn(1, 3, 16, 16), samples=torch.ones(2, 3, 3))
+
+
+def test_recalibrated_batchnorm_holds_the_average_statistics_of_the_calibration_batches():
+    from dymu.anchor import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    batches = [torch.randn(5, 3, 6, 6) * 2 + 1 for _ in range(3)]
+    recalibrate_batchnorm(net, batches)
+    assert not net.training
+    feats = [net[0](x).detach() for x in batches]
+    mean = torch.stack([f.mean(dim=(0, 2, 3)) for f in feats]).mean(0)
+    var = torch.stack([f.transpose(0, 1).reshape(4, -1).var(dim=1, unbiased=True) for f in feats]).mean(0)
+    torch.testing.assert_close(net[1].running_mean, mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(net[1].running_var, var, atol=1e-5, rtol=1e-5)
+    assert net[1].momentum == 0.1  # restored
+    with pytest.raises(ValueError, match="no input batches"):
+        recalibrate_batchnorm(net, [])

@@ -206,3 +206,18 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     with open(logs[-1]) as fh:
         resumed_steps = [int(row["step"]) for row in csv.DictReader(fh)]
     assert min(resumed_steps) >= killed_at, "the resumed run started again from step 0"
+
+
+def test_evaluation_with_recalibrated_batchnorm(finished_run):
+    from stages.evaluate import evaluate_run
+
+    run_dir, _ = finished_run
+    result = evaluate_run(run_dir, num_preferences=3, num_cost_preferences=10, recalibrate_batches=2)
+    recal = [r for r in result["records"] if r["method"] == "dymu, recalibrated BN"]
+    assert [r["c"] for r in recal] == [0.0, 1.0] and all(not r["adaptation"] for r in recal)
+    plain = {r["c"]: r for r in result["records"] if r["method"] == "dymu" and not r["adaptation"]}
+    for rec in recal:  # same trees and costs as without recalibration, other losses
+        assert [p["architecture"] for p in rec["preferences"]] == [p["architecture"] for p in plain[rec["c"]]["preferences"]]
+        assert rec["mean_params"] == plain[rec["c"]]["mean_params"]
+        assert rec["preferences"][0]["losses"] != plain[rec["c"]]["preferences"][0]["losses"]
+    assert "dymu, recalibrated BN" in (run_dir / "evaluation" / "report.md").read_text()

@@ -9,6 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dymu.checkpoint import META_KEY, load_checkpoint
+from dymu.evaluation import mean_task_losses
+from dymu.model import DynamicMultiTaskModel
+from dymu.tasks import tasks_from_config
+from stages.common import build_data, read_yaml
 from stages.runner import load_pipeline_config, run_pipeline
 from stages.sweep import (
     METRIC_COLUMNS,
@@ -33,7 +38,9 @@ def test_every_shipped_sweep_file_is_valid_and_its_command_accepts_every_paramet
     for path in SWEEPS:
         sweep = load_sweep(path)
         for params in plan_trials(sweep, trials=50):
-            # what a W&B agent passes as ${args}, parsed as `dymu trial` parses it, gives the same values ...
+            # what a W&B agent passes as ${args} (f"--{key}={value}", Python's str of the value), parsed as
+            # `dymu trial` parses it, gives the same values ...
+            assert parse_trial_arguments([f"--{k}={v}" for k, v in params.items()]) == params
             assert parse_trial_arguments(agent_arguments(params)) == params
             # ... and a valid pipeline config whose swept entries hold them
             config = trial_config(quickstart, params)
@@ -91,6 +98,10 @@ def test_bad_sweep_files_name_the_problem(tmp_path, bad, message):
 def test_trial_arguments_accept_wandb_forms_and_refuse_typos():
     assert parse_trial_arguments(["--edge.model.tau=0.2", "edge.model.lambda_inactive=0.01"]) == {
         "edge.model.tau": 0.2, "edge.model.lambda_inactive": 0.01}
+    # Python's str() of 1e-05, None and False, as W&B writes them
+    assert parse_trial_arguments(["--edge.model.lambda_inactive=1e-05", "--edge.model.temperature_every=None",
+                                  "--edge.model.use_affinity=False"]) == {
+        "edge.model.lambda_inactive": 1e-05, "edge.model.temperature_every": None, "edge.model.use_affinity": False}
     with pytest.raises(ValueError, match="takes no argument 'tua'"):
         parse_trial_arguments(["--edge.model.tua=0.2"])
     with pytest.raises(ValueError, match="must look like"):
@@ -112,6 +123,7 @@ def test_local_sweep_trains_trials_on_the_parents_anchor_and_resumes(parent_run,
     sweep = write({"method": "grid", "metric": {"name": "hv_ratio_c0", "goal": "maximize"},
                    "parameters": {"edge.model.lambda_inactive": {"values": [0.0, 0.5]},
                                   "edge.model.preference_groups": {"value": 4},
+                                  "edge.model.loss_scales": {"value": "anchor"},
                                   "seed_everything": {"values": [0, 1]}}}, tmp_path / "s.yaml")
     results = run_sweep(sweep, parent_run, trials=3)
     assert len(results) == 3 and anchor.stat().st_mtime_ns == anchor_mtime
@@ -124,6 +136,13 @@ def test_local_sweep_trains_trials_on_the_parents_anchor_and_resumes(parent_run,
         assert edge["model"]["seed"] == edge["seed_everything"] == res["parameters"]["seed_everything"]
         assert (trial / "weight" / "final.ckpt").is_file() and (trial / "evaluation" / "metrics.json").is_file()
         assert set(res["metrics"]) == set(METRIC_COLUMNS)
+        # the edge stage trained with 1 / L_t(anchor) on the validation set, recorded in its checkpoint
+        meta = load_checkpoint(trial / "edge" / "final.ckpt")[META_KEY]
+        model = DynamicMultiTaskModel.from_checkpoint(anchor)
+        data = build_data(read_yaml(trial / "configs" / "pipeline.yaml")["data"])
+        data.setup("fit")
+        val = mean_task_losses(model.anchor, data.val_dataloader(), tasks_from_config(meta["tasks"]))
+        assert meta["loss_scales"] == pytest.approx((1.0 / val).tolist(), rel=1e-5)
         assert 0 < res["metrics"]["params_c0"] <= 1 and res["metrics"]["hv_ratio_c0"] > 0
     summary = (parent_run / "sweeps" / "summary.csv").read_text().splitlines()
     assert len(summary) == 4 and summary[0].startswith("trial,edge.model.lambda_inactive")
@@ -139,7 +158,8 @@ def test_local_sweep_trains_trials_on_the_parents_anchor_and_resumes(parent_run,
         assert (parent_run / "sweeps" / name / "trial.json").stat().st_mtime_ns == stamp
     assert [r["name"] for r in again[:3]] == [r["name"] for r in results]
     assert json.loads((parent_run / "sweeps" / again[3]["name"] / "trial.json").read_text())["parameters"] == {
-        "edge.model.lambda_inactive": 0.5, "edge.model.preference_groups": 4, "seed_everything": 1}
+        "edge.model.lambda_inactive": 0.5, "edge.model.preference_groups": 4, "edge.model.loss_scales": "anchor",
+        "seed_everything": 1}
 
 
 def test_trial_command_needs_a_parent_with_an_anchor(tmp_path, capsys):

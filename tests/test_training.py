@@ -121,7 +121,9 @@ def test_grouped_weight_loss_equals_separate_steps():
         (out["loss"] / 3).backward()
         total += out["loss"].item() / 3
     assert grouped["loss"].item() == pytest.approx(total, rel=1e-5)
-    for a, b in zip(grouped_grads, _grads(model.weight_hypernet)):
+    separate_grads = _grads(model.weight_hypernet)
+    assert len(grouped_grads) == len(separate_grads) > 0
+    for a, b in zip(grouped_grads, separate_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert model.edge_hypernet.heads[0].weight.grad is None  # the edge hypernet stays frozen in its role
 
@@ -226,10 +228,14 @@ def test_batched_regularizer_equals_one_preference_at_a_time():
                       [0.1, 0.1, 0.1, 0.7]], dtype=torch.float64)
     c = torch.tensor([0.0, 0.3, 1.0, 0.5, 0.9], dtype=torch.float64)
     aff = torch.rand(4, 4, generator=gen, dtype=torch.float64)
-    for switches in ({}, {"layer_weighting": "all"}, {"task_dichotomy": False}, {"use_inactive": False}):
-        batched = omega(nu, r, c, aff, tau=0.15, lambda_active=1.0, lambda_inactive=0.1, **switches)
+    cases = [({}, 0.15), ({"layer_weighting": "all"}, 0.15), ({"task_dichotomy": False}, 0.15),
+             ({"use_inactive": False}, 0.15), ({}, 0.3)]  # tau 0.3: the uniform r has no active task
+    for switches, tau in cases:
+        batched = omega(nu, r, c, aff, tau=tau, lambda_active=1.0, lambda_inactive=0.1, **switches)
+        if tau == 0.3:
+            assert batched["inactive"][0] == 0 and batched["active"][0] == 0
         for g in range(5):
-            single = omega(nu[g], r[g], c[g], aff, tau=0.15, lambda_active=1.0, lambda_inactive=0.1, **switches)
+            single = omega(nu[g], r[g], c[g], aff, tau=tau, lambda_active=1.0, lambda_inactive=0.1, **switches)
             for key in ("omega", "active", "inactive", "usage"):
                 torch.testing.assert_close(batched[key][g], single[key])
 
