@@ -62,7 +62,8 @@ class EdgeHypernetSearch(PreferenceStage):
                  ) -> None:
         super().__init__(optimizer, lr_scheduler, dirichlet_eta, seed, val_preferences, preference_groups,
                          loss_scales)
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        # seed: not a hyperparameter to log (the data module has its own `seed`, and loggers refuse two values)
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "seed"])
         edge_args: dict[str, Any] = {"embed_dim": embed_dim, "hidden": hidden}
         if pin_heads:
             edge_args["pin_heads"] = True

@@ -45,7 +45,8 @@ class WeightHypernetAdaptation(PreferenceStage):
                  ) -> None:
         super().__init__(optimizer, lr_scheduler, dirichlet_eta, seed, val_preferences, preference_groups,
                          loss_scales)
-        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
+        # seed: not a hyperparameter to log (the data module has its own `seed`, and loggers refuse two values)
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "seed"])
         ckpt = self.build_on_parent(edge_checkpoint, task_configs, backbone, "weight",
                                     {"embed_dim": embed_dim, "hidden": hidden, "bn_statistics": bn_statistics})
         if self.model.edge_hypernet is None:

@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--lambda_active", type=float, default=1.0)
     parser.add_argument("--lambda_inactive", type=float, default=0.1)
     parser.add_argument("--tau", type=float, default=0.2)
+    parser.add_argument("--layer_weighting", choices=["paper", "all", "none"], default="paper")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--groups", type=int, default=8)
     parser.add_argument("--lr", type=float, default=None, help="default: 0.05 free, 5e-3 hypernet")
@@ -75,7 +76,8 @@ def main() -> None:
     tasks = tasks_from_config(anchor.task_configs)
     scales = 1.0 / mean_task_losses(lambda x: anchor(x), list(data.val_dataloader()), tasks)
     affinity = load_affinity(run / "affinity.json", model.tasks).float()
-    regularizer = {"tau": args.tau, "lambda_active": args.lambda_active, "lambda_inactive": args.lambda_inactive}
+    regularizer = {"tau": args.tau, "lambda_active": args.lambda_active, "lambda_inactive": args.lambda_inactive,
+                   "layer_weighting": args.layer_weighting}
     learner: nn.Module = FreeLogits(n_layers, n) if args.learner == "free" else EdgeHypernet(n, n_layers)
     lr = args.lr if args.lr is not None else (0.05 if args.learner == "free" else 5e-3)
     optimizer = torch.optim.Adam(learner.parameters(), lr=lr)
