@@ -294,13 +294,15 @@ def run_sweep(sweep_path: str | Path, run_dir: str | Path, trials: int | None = 
             continue
         print(f"[dymu sweep] trial {i + 1}/{len(plan)} {trial_name(params)}")
         results.append(run_trial(run_dir, params))
-        write_summary(run_dir / "sweeps", results, sweep)
-    write_summary(run_dir / "sweeps", results, sweep)
+        write_summary(run_dir / "sweeps", results, sweep, Path(sweep_path).stem)
+    write_summary(run_dir / "sweeps", results, sweep, Path(sweep_path).stem)
     return results
 
 
-def write_summary(out_dir: Path, results: Sequence[dict[str, Any]], sweep: dict[str, Any]) -> None:
-    """``summary.csv`` (one row per trial) and ``summary.md`` (the same, plus mean and spread over seeds)."""
+def write_summary(out_dir: Path, results: Sequence[dict[str, Any]], sweep: dict[str, Any], name: str = "") -> None:
+    """``summary.csv`` (one row per trial) and ``summary.md`` (the same, plus mean and spread over seeds) of the
+    latest sweep, and a copy of both named after the sweep file (``summary_<name>.*``) that later sweeps in the
+    same run directory leave alone."""
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = list(sweep["parameters"])
     with open(out_dir / "summary.csv", "w", newline="") as fh:
@@ -336,6 +338,9 @@ def write_summary(out_dir: Path, results: Sequence[dict[str, Any]], sweep: dict[
                 cells.append(f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.3f}")
             lines.append(f"| {setting} | {len(members)} | " + " | ".join(cells) + " |")
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    if name:
+        for suffix in ("csv", "md"):
+            (out_dir / f"summary_{name}.{suffix}").write_text((out_dir / f"summary.{suffix}").read_text())
 
 
 # --- command lines -----------------------------------------------------------------------------------------

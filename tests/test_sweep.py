@@ -145,6 +145,7 @@ def test_local_sweep_trains_trials_on_the_parents_anchor_and_resumes(parent_run,
         assert meta["loss_scales"] == pytest.approx((1.0 / val).tolist(), rel=1e-5)
         assert 0 < res["metrics"]["params_c0"] <= 1 and res["metrics"]["hv_ratio_c0"] > 0
     summary = (parent_run / "sweeps" / "summary.csv").read_text().splitlines()
+    assert (parent_run / "sweeps" / "summary_s.csv").read_text().splitlines() == summary
     assert len(summary) == 4 and summary[0].startswith("trial,edge.model.lambda_inactive")
     md = (parent_run / "sweeps" / "summary.md").read_text()
     assert "Mean and spread over seeds" in md and "| 2 |" in md  # lambda_inactive=0 has seeds 0 and 1
