@@ -23,26 +23,29 @@ Batch = dict[str, Tensor]
 
 @torch.no_grad()
 def task_loss_sums(forward: Callable[[Tensor], dict[str, Tensor]], batches: Iterable[Batch],
-                   tasks: Sequence[Task], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+                   tasks: Sequence[Task], device: torch.device | str = "cpu", allow_empty: bool = False
+                   ) -> tuple[Tensor, Tensor]:
     """Support-weighted sums of the unscaled batch losses and the supports (``Task.support``: the valid
     pixels or labelled samples each batch loss averages over), float64 ``(N,)`` each; sums from several
-    processes add up to the whole data set's."""
+    processes add up to the whole data set's (one process's shard may be empty with ``allow_empty``)."""
     tasks = list(tasks)
     total = torch.zeros(len(tasks), dtype=torch.float64)
     support = torch.zeros(len(tasks), dtype=torch.float64)
+    num_batches = 0
     for batch in batches:
+        num_batches += 1
         batch = {k: v.to(device) for k, v in batch.items()}
         counts = torch.tensor([float(t.support(batch[t.name])) for t in tasks], dtype=torch.float64)
         losses = task_losses(tasks, forward(batch["image"]), batch).double().cpu()
         total += torch.where(counts > 0, losses * counts, 0.0)  # a loss over no valid target is undefined
         support += counts
+    if num_batches == 0 and not allow_empty:
+        raise ValueError("the evaluation data set is empty")
     return total, support
 
 
 def losses_from_sums(total: Tensor, support: Tensor, tasks: Sequence[Task]) -> Tensor:
     """The data set's mean losses ``[L_t]`` from ``task_loss_sums``; an error names a task without targets."""
-    if not bool((support > 0).any()):
-        raise ValueError("the evaluation data set is empty")
     empty = [t.name for t, n in zip(tasks, support) if n == 0]
     if empty:
         raise ValueError(f"the evaluation data set has no valid target for task(s) {empty}")

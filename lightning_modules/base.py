@@ -176,7 +176,7 @@ class PreferenceStage(StageModule):
         if datamodule is None:
             raise ValueError("loss_scales='anchor' needs a data module with a validation set")
         total, support = task_loss_sums(lambda x: self.model.anchor(x), datamodule.val_dataloader(), self.tasks,
-                                        self.device)
+                                        self.device, allow_empty=True)
         total = self.trainer.strategy.reduce(total.to(self.device), reduce_op="sum")
         support = self.trainer.strategy.reduce(support.to(self.device), reduce_op="sum")
         losses = losses_from_sums(total.cpu(), support.cpu(), self.tasks)
