@@ -71,12 +71,13 @@ def preference_records(model: DynamicMultiTaskModel, prefs: Sequence[Preference]
     depend only on the tree, so each distinct tree is evaluated once. With ``recalibrate`` (training
     images; no adaptation) each tree is specialised and its BatchNorm statistics re-estimated on them."""
     cache: dict[Architecture, list[float]] = {}
+    calibration = None if recalibrate is None else [x.to(device) for x in recalibrate]
     records = []
     for pref in tqdm(prefs, desc=f"evaluate (c={prefs[0].c:g}, adaptation={adapt})", leave=False):
         arch = model.architecture(pref)
-        if recalibrate is not None:
+        if calibration is not None:
             if arch not in cache:
-                tree = recalibrate_batchnorm(model.anchor.specialize(arch), [x.to(device) for x in recalibrate])
+                tree = recalibrate_batchnorm(model.anchor.specialize(arch), calibration)
                 cache[arch] = scaled(mean_task_losses(tree, batches, tasks, device), tasks)
             losses = cache[arch]
         elif adapt and model.weight_hypernet is not None:

@@ -93,7 +93,7 @@ def edge_search_loss(anchor: AnchorNet, edge_hypernet: EdgeHypernet, tasks: Sequ
     outputs = anchor(image, samples=per_sample)
     task_terms = []
     for g, part in enumerate(parts):
-        losses = task_losses(list(tasks), {k: v[part] for k, v in outputs.items()}, batch_slice(batch, part))
+        losses = task_losses(list(tasks), batch_slice(outputs, part), batch_slice(batch, part))
         task_terms.append(preference_loss(losses, r[g], scales))
     reg = omega(soft, r, c, affinity, **regularizer)  # every group at once
     out = {key: reg[key].mean() for key in ("omega", "active", "inactive")}

@@ -95,12 +95,13 @@ class EdgeHypernetSearch(PreferenceStage):
                               self.temperature_every)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        temperature = self.temperature()
         out = edge_search_loss(self.model.anchor, self.model.edge_hypernet, self.tasks, self.scales, batch,
-                               self.training_preferences(), self.temperature(), self.affinity, self.regularizer,
+                               self.training_preferences(), temperature, self.affinity, self.regularizer,
                                straight_through=self.straight_through)
         self.log_dict({"train/task_loss": out["task_loss"], "train/omega": out["omega"],
                        "train/omega_active": out["active"], "train/omega_inactive": out["inactive"],
-                       "train/temperature": self.temperature(),
+                       "train/temperature": temperature,
                        "train/expected_used_fraction": out["expected_used_fraction"]})
         self.log("train/loss", out["loss"], prog_bar=True)
         return out["loss"]

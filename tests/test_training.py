@@ -87,6 +87,12 @@ def test_grouped_edge_loss_equals_separate_single_preference_steps():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def hand_task_loss(outputs, batch, pref):
+    """``sum_t r_t w_t L_t`` written out, for comparison with the objective."""
+    losses = torch.stack([t.loss(outputs[t.name], batch[t.name]) for t in TASKS])
+    return (pref.r_tensor() * task_scales(TASKS) * losses).sum()
+
+
 def test_single_group_is_the_one_preference_step():
     # G = 1 on the whole batch: the task loss of the hard sample's tree plus Omega of the soft sample
     model = small_model(1)
@@ -98,9 +104,7 @@ def test_single_group_is_the_one_preference_step():
     with torch.no_grad():
         logits = model.edge_logits(pref)
         tree = Architecture.from_logits(logits)
-        outputs = model.anchor(batch["image"], architecture=tree)
-        losses = torch.stack([t.loss(outputs[t.name], batch[t.name]) for t in TASKS])
-        expected_task = (pref.r_tensor() * task_scales(TASKS) * losses).sum()
+        expected_task = hand_task_loss(model.anchor(batch["image"], architecture=tree), batch, pref)
         expected_reg = omega(torch.softmax(logits / 0.5, -1), pref.r_tensor(), pref.c, torch.ones(3, 3), **REG)
     torch.testing.assert_close(out["task_loss"], expected_task, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out["omega"], expected_reg["omega"], atol=1e-6, rtol=1e-5)
@@ -249,7 +253,5 @@ def test_relaxed_task_loss_uses_the_soft_mixture():
                            torch.ones(3, 3), REG, noise=noise, straight_through=False)
     with torch.no_grad():
         soft = torch.softmax(model.edge_logits(pref) / 2.0, dim=-1)
-        outputs = model.anchor(batch["image"], samples=soft)
-        losses = torch.stack([t.loss(outputs[t.name], batch[t.name]) for t in TASKS])
-    torch.testing.assert_close(out["task_loss"], (pref.r_tensor() * task_scales(TASKS) * losses).sum(),
-                               atol=1e-5, rtol=1e-5)
+        expected_task = hand_task_loss(model.anchor(batch["image"], samples=soft), batch, pref)
+    torch.testing.assert_close(out["task_loss"], expected_task, atol=1e-5, rtol=1e-5)
