@@ -31,7 +31,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; point the stage at the .ckpt file that the "
-                                "previous stage wrote (e.g. <run_dir>/anchor/final.ckpt)")
+                                "previous stage wrote (the final checkpoint in its stage folder of the run directory)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the path and the cause

@@ -18,8 +18,6 @@ from dymu.preference import Preference
 from dymu.search_space import Architecture
 from dymu.tasks import Task, tasks_from_config
 
-STAGE_FILES = ("weight", "edge", "anchor")
-
 
 class DynamicMultiTaskModel(nn.Module):
     """One multi-task network whose architecture and BatchNorm weights follow a preference ``(r, c)``.
@@ -81,15 +79,11 @@ class DynamicMultiTaskModel(nn.Module):
 
     @classmethod
     def from_run(cls, run_dir: str | Path) -> DynamicMultiTaskModel:
-        """The most complete model of a run directory: its weight stage, else its edge stage."""
-        run_dir = Path(run_dir)
-        for stage in STAGE_FILES[:2]:
-            path = run_dir / stage / "final.ckpt"
-            if path.is_file():
-                return cls.from_checkpoint(path)
-        raise FileNotFoundError(f"{run_dir} holds no finished edge or weight stage (looked for "
-                                f"{run_dir}/weight/final.ckpt and {run_dir}/edge/final.ckpt); run "
-                                f"`dymu run --config <config> --run_dir {run_dir}` first")
+        """The most complete model of a run directory written by ``dymu run``: its weight stage, else its edge
+        stage (the run's file names are the run layout's, ``stages.layout``)."""
+        from stages.layout import RunLayout  # the runner's layout; dymu itself knows no run file names
+
+        return cls.from_checkpoint(RunLayout(run_dir).model_checkpoint())
 
     def preference(self, r: Sequence[float] | Tensor | Preference, c: float | None = None) -> Preference:
         """Validate a preference for this model's tasks (raises ``ValueError`` naming the problem)."""

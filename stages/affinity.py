@@ -10,19 +10,33 @@ from lightning.pytorch import LightningDataModule
 
 from dymu.affinity import rsa_affinity, save_affinity
 from dymu.model import DynamicMultiTaskModel
+from stages.layout import AFFINITY, AFFINITY_PLOT, RunLayout
 
 
 @torch.no_grad()
 def compute_affinity(anchor_checkpoint: str | Path, data: LightningDataModule, out_dir: str | Path,
                      num_images: int = 100, seed: int = 0) -> torch.Tensor:
     """Run the anchor as N separate networks on ``num_images`` training inputs (chosen with ``seed``),
-    compute the affinity and write ``affinity.json`` and ``affinity.png`` into ``out_dir``."""
+    compute the affinity and write it (and its plot) into ``out_dir`` (see ``stages.layout``)."""
     model = DynamicMultiTaskModel.from_checkpoint(anchor_checkpoint)
     data.setup("fit")
     images = data.sample_inputs(num_images, seed=seed)
     affinity = rsa_affinity(model.anchor.stream_features(images))
     out_dir = Path(out_dir)
-    save_affinity(affinity, model.tasks, out_dir / "affinity.json", out_dir / "affinity.png")
+    save_affinity(affinity, model.tasks, out_dir / AFFINITY, out_dir / AFFINITY_PLOT)
+    return affinity
+
+
+def affinity_step(config: dict, layout: RunLayout) -> torch.Tensor:
+    """The stage table's affinity step: the anchor of ``layout`` on the pipeline's data, with the pipeline's
+    ``affinity`` section (``num_images``, ``seed``)."""
+    from stages.common import build_data
+
+    options = config.get("affinity") or {}
+    print("[dymu run] affinity: computing RSA task affinity from the anchor")
+    affinity = compute_affinity(layout.final("anchor"), build_data(config["data"]), layout.root,
+                                num_images=int(options.get("num_images", 100)), seed=int(options.get("seed", 0)))
+    print(f"[dymu run] affinity:\n{affinity.numpy().round(3)}")
     return affinity
 
 
@@ -33,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dymu affinity", description=compute_affinity.__doc__)
     parser.add_argument("--config", required=True, help="a pipeline or stage config with a data section")
     parser.add_argument("--anchor_checkpoint", required=True, help="the anchor stage's final.ckpt")
-    parser.add_argument("--out_dir", required=True, help="where affinity.json and affinity.png go")
+    parser.add_argument("--out_dir", required=True, help=f"where {AFFINITY} and {AFFINITY_PLOT} go")
     parser.add_argument("--num_images", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -47,3 +47,7 @@ def build_data(config: dict[str, Any]) -> LightningDataModule:
 
 def build_backbone_from_config(config: dict[str, Any]) -> Backbone:
     return instantiate(Backbone, config, "backbone")
+
+
+WANDB_LOGGER = "lightning.pytorch.loggers.WandbLogger"
+DEFAULT_LOGGER = {"class_path": WANDB_LOGGER, "init_args": {"offline": True, "project": "dymu"}}

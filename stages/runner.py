@@ -1,12 +1,17 @@
-"""``dymu run``: anchor -> affinity -> edge -> weight -> evaluate, in one run directory.
+"""``dymu run``: the stages of the stage table (``stages.graph``), then the evaluation, in one run directory.
 
-The pipeline config holds what the stages share (``data``, ``backbone``, ``seed_everything``) and one
-section per stage (``trainer``, ``model``, ``checkpoint`` as in that stage's LightningCLI config, and
-``data``: init arguments of the data module that this stage overrides, e.g. its batch size). The
-runner writes each stage's full LightningCLI config to ``<run_dir>/configs/<stage>.yaml`` (so a stage can
-be rerun by hand with ``dymu <stage> fit --config ...``) and runs it in a subprocess (so that DDP's
-launcher re-executes that stage alone). A stage with ``final.ckpt`` is skipped, provided its config has
-not changed; one with ``checkpoints/last.ckpt`` resumes from it.
+The pipeline config holds what the stages share (``data``, ``backbone``, ``seed_everything``, ``logger``)
+and one section per stage of the table (``trainer``, ``model``, ``checkpoint`` as in that stage's
+LightningCLI config, and ``data``: init arguments of the data module that this stage overrides, e.g. its
+batch size). Before the first stage starts, every stage's config is parsed and type-checked by its
+LightningCLI, the data set is checked on disk and the configured accelerator is looked for, so a typo in the
+last stage fails in seconds, not after the first has trained.
+
+The runner writes each training stage's full LightningCLI config to the run's ``configs/<stage>.yaml`` (so a
+stage can be rerun by hand with ``dymu <stage> fit --config ...``) and runs it in a subprocess (so that DDP's
+launcher re-executes that stage alone). A finished stage is skipped, provided its config has not changed
+(paths inside the run directory are compared relative to it: a moved run matches); a started one resumes
+from its newest readable checkpoint. The file names are ``stages.layout``'s.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,56 +27,69 @@ from typing import Any
 
 import yaml
 
-from stages.cli import DEFAULT_LOGGER, FINAL_CHECKPOINT
-from stages.common import build_data, read_yaml, write_yaml
+from stages.common import DEFAULT_LOGGER, build_data, read_yaml, write_yaml
+from stages.graph import PIPELINE_KEYS, STAGE_SECTION_KEYS, STAGES, Stage, order, training_stages
+from stages.layout import RunLayout, checkpoint_problem, relative_config, written_root
 
-STAGES = ("anchor", "edge", "weight")
-KNOWN_KEYS = {"run_dir", "seed_everything", "data", "backbone", "logger", "affinity", "evaluate", *STAGES}
-STAGE_KEYS = {"trainer", "model", "checkpoint", "data"}
+GPU_ACCELERATORS = ("gpu", "cuda")
 
 
 class StageFailed(RuntimeError):
-    """A stage's subprocess exited with an error."""
+    """A stage's subprocess exited with an error or was stopped."""
+
+
+def known_keys() -> list[str]:
+    return [*PIPELINE_KEYS, *STAGES]
 
 
 def check_pipeline_config(config: dict[str, Any], path: str | Path) -> None:
-    unknown = sorted(set(config) - KNOWN_KEYS)
+    """The pipeline config's shape: known top-level keys and stage sections, ``data`` and ``backbone``."""
+    unknown = sorted(set(config) - set(known_keys()))
     if unknown:
-        raise ValueError(f"{path}: unknown top-level keys {unknown}; allowed: {sorted(KNOWN_KEYS)}")
+        raise ValueError(f"{path}: unknown top-level keys {unknown}; allowed: {known_keys()}")
     missing = [k for k in ("data", "backbone") if k not in config]
     if missing:
         raise ValueError(f"{path}: missing required sections {missing}")
-    for stage in STAGES:
-        extra = sorted(set(config.get(stage) or {}) - STAGE_KEYS)
+    for name, stage in STAGES.items():
+        section = config.get(name)
+        if section is not None and not isinstance(section, dict):
+            raise ValueError(f"{path}: section {name!r} must be a mapping, got {section!r}")
+        allowed = STAGE_SECTION_KEYS if stage.trained else ("num_images", "seed")
+        extra = sorted(set(section or {}) - set(allowed))
         if extra:
-            raise ValueError(f"{path}: section {stage!r} has unknown keys {extra}; allowed: {sorted(STAGE_KEYS)}")
+            raise ValueError(f"{path}: section {name!r} has unknown keys {extra}; allowed: {list(allowed)}")
 
 
-def stage_config(config: dict[str, Any], stage: str, run_dir: Path) -> dict[str, Any]:
-    """The full LightningCLI ``fit`` config of one stage."""
+def stage_config(config: dict[str, Any], stage: str, run_dir: str | Path,
+                 sources: dict[str, RunLayout] | None = None) -> dict[str, Any]:
+    """The full LightningCLI ``fit`` config of one training stage of the table.
+
+    Args:
+        sources: where a parent's artefacts live when not in ``run_dir`` (a sweep trial reads its parent
+            run's anchor and affinity): parent name -> that run's layout.
+    """
+    spec = STAGES[stage]
+    layout = RunLayout(run_dir)
     section = copy.deepcopy(config.get(stage) or {})
     trainer = section.get("trainer", {})
-    trainer["default_root_dir"] = str(run_dir / stage)
+    trainer["default_root_dir"] = str(layout.stage_dir(stage))
     logger = copy.deepcopy(config.get("logger", DEFAULT_LOGGER))
     if isinstance(logger, dict) and "class_path" in logger:
         init_args = logger.setdefault("init_args", {})
         if init_args.get("save_dir") in (None, "", "."):
-            init_args["save_dir"] = str(run_dir / stage)
+            init_args["save_dir"] = str(layout.stage_dir(stage))
         if logger["class_path"].endswith("WandbLogger"):
-            init_args.setdefault("name", f"{run_dir.name}-{stage}")
-            init_args.setdefault("group", run_dir.name)
+            init_args.setdefault("name", f"{layout.root.name}-{stage}")
+            init_args.setdefault("group", layout.root.name)
     trainer.setdefault("logger", logger)
     model = section.get("model", {})
-    if stage == "anchor":
-        model["backbone"] = copy.deepcopy(config["backbone"])
-    else:
-        # the hypernet stages' preference sequence follows the run's seed unless set on its own
+    for key in spec.shared:
+        model[key] = copy.deepcopy(config[key])
+    if spec.seeded:
+        # the preference sequence follows the run's seed unless the stage sets its own
         model.setdefault("seed", config.get("seed_everything", 0))
-    if stage == "edge":
-        model["anchor_checkpoint"] = str(run_dir / "anchor" / FINAL_CHECKPOINT)
-        model["affinity"] = str(run_dir / "affinity.json")
-    elif stage == "weight":
-        model["edge_checkpoint"] = str(run_dir / "edge" / FINAL_CHECKPOINT)
+    for argument, (parent, path) in spec.inputs.items():
+        model[argument] = str(path((sources or {}).get(parent, layout)))
     data = copy.deepcopy(config["data"])
     data.setdefault("init_args", {}).update(section.get("data") or {})
     out: dict[str, Any] = {"seed_everything": config.get("seed_everything", 0), "trainer": trainer,
@@ -80,36 +99,124 @@ def stage_config(config: dict[str, Any], stage: str, run_dir: Path) -> dict[str,
     return out
 
 
-def run_stage(stage: str, config: dict[str, Any], run_dir: Path) -> None:
-    """Skip, resume or start one stage."""
-    stage_dir = run_dir / stage
-    cfg_path = run_dir / "configs" / f"{stage}.yaml"
-    final = stage_dir / FINAL_CHECKPOINT
-    if cfg_path.is_file() and (final.is_file() or (stage_dir / "checkpoints" / "last.ckpt").is_file()):
-        if read_yaml(cfg_path) != config:
-            raise ValueError(
-                f"the {stage} stage in {run_dir} was run with a different config ({cfg_path}); its checkpoints "
-                f"do not belong to this config. Use a new --run_dir, or delete {stage_dir} (and the later "
-                "stages) to rerun it")
+def check_accelerator(stage: str, config: dict[str, Any]) -> None:
+    """Refuse a stage configured for a GPU on a machine without one (a paper-size stage would otherwise run for
+    weeks on CPU, or Lightning would stop with a message that names neither the stage nor the fix)."""
+    import torch
+
+    accelerator = str((config.get("trainer") or {}).get("accelerator", "auto")).lower()
+    if accelerator in GPU_ACCELERATORS and not torch.cuda.is_available():
+        raise ValueError(f"the {stage} stage asks for accelerator '{accelerator}' but this machine has no CUDA GPU; "
+                         f"run it on CPU with --set {stage}.trainer.accelerator=cpu (and --set "
+                         f"{stage}.trainer.devices=1 if it asks for several)")
+    if accelerator == "mps" and not (torch.backends.mps.is_available()):
+        raise ValueError(f"the {stage} stage asks for accelerator 'mps', which this machine lacks; use --set "
+                         f"{stage}.trainer.accelerator=cpu")
+
+
+def check_before_training(config: dict[str, Any], run_dir: Path, stages: list[Stage],
+                          sources: dict[str, RunLayout] | None = None) -> dict[str, dict[str, Any]]:
+    """Everything that can fail before any training, in this order: every stage config parsed and
+    type-checked, the data set on disk, the accelerators present. Returns the stage configs."""
+    from stages.stage_cli import check_stage_config
+
+    configs = {}
+    for spec in stages:
+        if spec.trained:
+            configs[spec.name] = stage_config(config, spec.name, run_dir, sources)
+            check_stage_config(spec.name, configs[spec.name])
+    build_data(config["data"]).check_data()  # the data set first: it is what a new user most often lacks
+    for name, stage in configs.items():
+        check_accelerator(name, stage)
+    return configs
+
+
+def resume_checkpoint(layout: RunLayout, stage: str) -> Path | None:
+    """The newest readable checkpoint to resume ``stage`` from. A truncated or corrupt one is reported by name
+    and set aside (renamed ``*.corrupt``, nothing deleted)."""
+    for path in layout.resumable(stage):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        print(f"[dymu run] {stage}: {path} is {problem}; set aside as {aside.name}, trying an older checkpoint",
+              file=sys.stderr)
+    return None
+
+
+def same_config(stored: dict[str, Any], config: dict[str, Any], stage: str, run_dir: Path) -> bool:
+    """Whether a stored stage config is ``config``, with paths inside each one's run directory compared
+    relative to it (a run directory moved or copied elsewhere matches)."""
+    old_root = written_root(stored, stage) or run_dir
+    return relative_config(stored, old_root) == relative_config(config, run_dir)
+
+
+def run_stage(stage: str, config: dict[str, Any], run_dir: str | Path) -> None:
+    """Skip, resume or start one training stage."""
+    layout = RunLayout(run_dir)
+    cfg_path = layout.stage_config(stage)
+    if cfg_path.is_file() and layout.started(stage) and not same_config(read_yaml(cfg_path), config, stage,
+                                                                       layout.root):
+        raise ValueError(
+            f"the {stage} stage in {layout.root} was run with a different config ({cfg_path}); its checkpoints "
+            f"do not belong to this config. Use a new --run_dir, or delete {layout.stage_dir(stage)} (and the "
+            "later stages) to rerun it")
+    final = layout.final(stage)
     if final.is_file():
-        print(f"[dymu run] {stage}: finished checkpoint {final} found, skipping")
-        return
+        problem = checkpoint_problem(final)
+        if problem is None:
+            print(f"[dymu run] {stage}: finished checkpoint {final} found, skipping")
+            write_yaml(config, cfg_path)  # the paths of this location (the stored one may be a moved run's)
+            return
+        aside = final.with_name(final.name + ".corrupt")
+        os.replace(final, aside)
+        print(f"[dymu run] {stage}: {final} is {problem}; set aside as {aside.name}", file=sys.stderr)
     write_yaml(config, cfg_path)
     command = [sys.executable, "-m", "stages.cli", stage, "fit", "--config", str(cfg_path)]
-    last = stage_dir / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        print(f"[dymu run] {stage}: resuming from {last}")
-        command += ["--ckpt_path", str(last)]
+    resume = resume_checkpoint(layout, stage)
+    if resume is not None:
+        print(f"[dymu run] {stage}: resuming from {resume}")
+        command += ["--ckpt_path", str(resume)]
     else:
         print(f"[dymu run] {stage}: training")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project_root()),
                                                                      os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(command, env=env)
-    if result.returncode != 0:
-        raise StageFailed(f"stage {stage} failed (exit code {result.returncode}); fix the cause and rerun the "
-                          f"same command: it resumes from {last} if it was written")
+    code = run_forwarding_sigterm(command, env)
+    if code != 0:
+        stopped = code in (-signal.SIGTERM, 128 + signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGINT)
+        raise StageFailed(f"stage {stage} {'was stopped' if stopped else 'failed'} (exit code {code}); "
+                          f"{'fix the cause and ' if not stopped else ''}rerun the same command: it resumes "
+                          f"from the newest checkpoint in {layout.checkpoints_dir(stage)}")
     if not final.is_file():
         raise StageFailed(f"stage {stage} ended without writing {final} (was it interrupted?); rerun to resume")
+
+
+def run_forwarding_sigterm(command: list[str], env: dict[str, str]) -> int:
+    """Run a stage's subprocess; a SIGTERM to this process is passed on to it, and this process waits while it
+    saves its checkpoint and exits (no orphan keeps training)."""
+    process = subprocess.Popen(command, env=env)
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        process.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward) if _main_thread() else None
+    try:
+        code = process.wait()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if received and code == 0:
+        code = 128 + signal.SIGTERM  # it finished while stopping: still report the stop
+    return code
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def project_root() -> Path:
@@ -148,19 +255,20 @@ def load_pipeline_config(config_path: str | Path, overrides: list[str] | None = 
 
 def write_stage_configs(config: dict[str, Any], out_dir: str | Path, run_dir: str | Path,
                         source: str | Path | None = None) -> list[Path]:
-    """Write each stage's LightningCLI config (the one ``dymu run`` would use with ``run_dir``) into
+    """Write each training stage's LightningCLI config (the one ``dymu run`` would use with ``run_dir``) into
     ``out_dir``, for running stages one by one with ``dymu <stage> fit --config``."""
     paths = []
-    for stage in STAGES:
-        path = Path(out_dir) / f"{stage}.yaml"
-        write_yaml(stage_config(config, stage, Path(run_dir)), path)
+    layout = RunLayout(run_dir)
+    for spec in training_stages():
+        path = Path(out_dir) / f"{spec.name}.yaml"
+        write_yaml(stage_config(config, spec.name, run_dir), path)
         if source is not None:
-            header = (f"# Stage '{stage}' of {source}, written by `dymu configs --config {source} --out {out_dir} "
-                      f"--run_dir {run_dir}`.\n# Edit the pipeline config and regenerate; run with `dymu {stage} "
-                      "fit --config <this file>`")
-            if stage == "edge":
+            header = (f"# Stage '{spec.name}' of {source}, written by `dymu configs --config {source} --out "
+                      f"{out_dir} --run_dir {run_dir}`.\n# Edit the pipeline config and regenerate; run with "
+                      f"`dymu {spec.name} fit --config <this file>`")
+            if "affinity" in spec.parents:
                 header += (f"\n# after `dymu affinity --config <this file> --anchor_checkpoint "
-                           f"{Path(run_dir) / 'anchor' / FINAL_CHECKPOINT} --out_dir {run_dir}`")
+                           f"{layout.final('anchor')} --out_dir {run_dir}`")
             path.write_text(header + ".\n" + path.read_text())
         paths.append(path)
     return paths
@@ -168,35 +276,25 @@ def write_stage_configs(config: dict[str, Any], out_dir: str | Path, run_dir: st
 
 def run_pipeline(config_path: str | Path, run_dir: str | Path | None = None, evaluate: bool = True,
                  overrides: list[str] | None = None, data_root: str | None = None,
-                 stages: tuple[str, ...] = STAGES) -> Path:
-    """Run the stages of a pipeline config (all by default; ``("anchor",)``: the anchor and its affinity);
-    return the run directory."""
+                 stages: tuple[str, ...] | None = None) -> Path:
+    """Run the stages of a pipeline config (the whole table by default; ``("affinity",)``: the anchor and its
+    affinity) and, after the last training stage, the evaluation; return the run directory."""
     config = load_pipeline_config(config_path, overrides, data_root)
-    run_dir = Path(run_dir or config.get("run_dir") or Path("runs") / Path(config_path).stem).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_yaml(config, run_dir / "configs" / "pipeline.yaml")
-
-    run_stage("anchor", stage_config(config, "anchor", run_dir), run_dir)
-    if not (run_dir / "affinity.json").is_file():
-        from stages.affinity import compute_affinity
-
-        affinity_cfg = config.get("affinity") or {}
-        print("[dymu run] affinity: computing RSA task affinity from the anchor")
-        aff = compute_affinity(run_dir / "anchor" / FINAL_CHECKPOINT, build_data(config["data"]), run_dir,
-                               num_images=int(affinity_cfg.get("num_images", 100)),
-                               seed=int(affinity_cfg.get("seed", 0)))
-        print(f"[dymu run] affinity:\n{aff.numpy().round(3)}")
-    if "edge" not in stages:
-        return run_dir
-    run_stage("edge", stage_config(config, "edge", run_dir), run_dir)
-    if "weight" not in stages:
-        return run_dir
-    run_stage("weight", stage_config(config, "weight", run_dir), run_dir)
-    if evaluate:
+    layout = RunLayout(Path(run_dir or config.get("run_dir") or Path("runs") / Path(config_path).stem).resolve())
+    plan = order(stages)
+    configs = check_before_training(config, layout.root, plan)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    write_yaml(config, layout.pipeline_config)
+    for spec in plan:
+        if spec.trained:
+            run_stage(spec.name, configs[spec.name], layout.root)
+        elif not spec.finished(layout):
+            spec.compute_function()(config, layout)
+    if evaluate and plan[-1].name == "weight":
         from stages.evaluate import evaluate_run
 
-        evaluate_run(run_dir, **(config.get("evaluate") or {}))
-    return run_dir
+        evaluate_run(layout.root, **(config.get("evaluate") or {}))
+    return layout.root
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,17 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="pipeline config (e.g. configs/quickstart.yaml)")
     parser.add_argument("--run_dir", default=None, help="run directory (default: the config's run_dir, "
                         "else runs/<config name>)")
-    parser.add_argument("--no_evaluate", action="store_true", help="stop after the weight stage")
+    parser.add_argument("--no_evaluate", action="store_true", help="stop after the last training stage")
+    parser.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+                        help=f"run only these stages and their parents (of {list(STAGES)})")
     parser.add_argument("--data_root", default=None, help="the data set's root (sets data.init_args.root)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a config entry, e.g. --set anchor.trainer.devices=4 (repeatable)")
     args = parser.parse_args(argv)
-    try:
-        run_dir = run_pipeline(args.config, args.run_dir, evaluate=not args.no_evaluate,
-                               overrides=args.overrides, data_root=args.data_root)
-    except (StageFailed, ValueError, FileNotFoundError) as err:
-        print(f"[dymu run] error: {err}", file=sys.stderr)
-        return 1
+    run_dir = run_pipeline(args.config, args.run_dir, evaluate=not args.no_evaluate, overrides=args.overrides,
+                           data_root=args.data_root, stages=tuple(args.stages) if args.stages else None)
     print(f"[dymu run] done: {run_dir}")
     return 0
 
@@ -224,7 +320,7 @@ def configs_main(argv: list[str] | None = None) -> int:
     """``dymu configs``: write the per-stage LightningCLI configs of a pipeline config."""
     parser = argparse.ArgumentParser(prog="dymu configs", description=write_stage_configs.__doc__)
     parser.add_argument("--config", required=True, help="pipeline config")
-    parser.add_argument("--out", required=True, help="folder for anchor.yaml, edge.yaml, weight.yaml")
+    parser.add_argument("--out", required=True, help="folder for one <stage>.yaml per training stage")
     parser.add_argument("--run_dir", required=True, help="run directory the stage configs point at")
     parser.add_argument("--data_root", default=None, help="the data set's root (sets data.init_args.root)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")

@@ -30,10 +30,10 @@ import numpy as np
 import yaml
 
 from stages.common import read_yaml, write_yaml
+from stages.layout import RunLayout
 
 SWEPT_SECTIONS = ("edge", "weight", "evaluate")
 """Top-level sections a trial may change: everything else would need a new anchor."""
-TRIAL_RESULT = "trial.json"
 METHODS = ("grid", "random", "bayes")
 
 METRIC_COLUMNS = {
@@ -192,26 +192,28 @@ def run_trial(parent_dir: str | Path, params: dict[str, Any], name: str | None =
     """Train the edge and weight stages for ``params`` on the parent run's anchor and affinity, evaluate, and
     write ``<parent>/sweeps/<name>/trial.json`` (parameters and metrics). Resumes an interrupted trial."""
     from stages.evaluate import evaluate_run
-    from stages.runner import run_stage, stage_config
+    from stages.graph import order
+    from stages.runner import check_before_training, run_stage
 
-    parent = Path(parent_dir).resolve()
-    anchor, affinity = parent / "anchor" / "final.ckpt", parent / "affinity.json"
-    pipeline = parent / "configs" / "pipeline.yaml"
-    for path in (pipeline, anchor, affinity):
+    parent = RunLayout(Path(parent_dir).resolve())
+    for path in (parent.pipeline_config, parent.final("anchor"), parent.affinity):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: a sweep's parent run needs a trained anchor and its affinity; "
-                                    f"run `dymu sweep --sweep S --run_dir {parent} --config <pipeline.yaml>` to train "
-                                    "them first")
-    config = trial_config(read_yaml(pipeline), params)
-    trial_dir = parent / "sweeps" / (name or trial_name(params))
-    write_yaml(config, trial_dir / "configs" / "pipeline.yaml")
-    edge = stage_config(config, "edge", trial_dir)
-    edge["model"]["anchor_checkpoint"], edge["model"]["affinity"] = str(anchor), str(affinity)
-    run_stage("edge", edge, trial_dir)
-    run_stage("weight", stage_config(config, "weight", trial_dir), trial_dir)
-    evaluation = evaluate_run(trial_dir, **(config.get("evaluate") or {}))
-    result = {"name": trial_dir.name, "parameters": params, "metrics": trial_metrics(evaluation)}
-    (trial_dir / TRIAL_RESULT).write_text(json.dumps(result, indent=1))
+                                    f"run `dymu sweep --sweep S --run_dir {parent.root} --config <pipeline.yaml>` to "
+                                    "train them first")
+    config = trial_config(read_yaml(parent.pipeline_config), params)
+    name = name or trial_name(params)
+    trial = RunLayout(parent.trial_dir(name))
+    # the trial's own stages: what the table puts after the parent's anchor and affinity
+    stages = [s for s in order() if s.name not in ("anchor", "affinity")]
+    sources = {"anchor": parent, "affinity": parent}
+    configs = check_before_training(config, trial.root, stages, sources)
+    write_yaml(config, trial.pipeline_config)
+    for spec in stages:
+        run_stage(spec.name, configs[spec.name], trial.root)
+    evaluation = evaluate_run(trial.root, **(config.get("evaluate") or {}))
+    result = {"name": trial.root.name, "parameters": params, "metrics": trial_metrics(evaluation)}
+    parent.trial_result(name).write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -258,15 +260,16 @@ def ensure_parent(run_dir: Path, config_path: str | None, overrides: Sequence[st
     """Train the parent's anchor and affinity if they are not there yet (from ``config_path``)."""
     from stages.runner import load_pipeline_config, run_pipeline
 
-    if (run_dir / "anchor" / "final.ckpt").is_file() and (run_dir / "affinity.json").is_file():
+    layout = RunLayout(run_dir)
+    if layout.final("anchor").is_file() and layout.affinity.is_file():
         return
     if config_path is None:
-        existing = run_dir / "configs" / "pipeline.yaml"
+        existing = layout.pipeline_config
         if not existing.is_file():
             raise FileNotFoundError(f"{run_dir} holds no trained anchor; pass --config <pipeline.yaml> to train it")
         config_path = str(existing)
     load_pipeline_config(config_path, list(overrides))  # fail on a bad config before training
-    run_pipeline(config_path, run_dir, overrides=list(overrides), stages=("anchor",))
+    run_pipeline(config_path, run_dir, overrides=list(overrides), stages=("affinity",))
 
 
 def run_sweep(sweep_path: str | Path, run_dir: str | Path, trials: int | None = None, seed: int = 0,
@@ -275,8 +278,8 @@ def run_sweep(sweep_path: str | Path, run_dir: str | Path, trials: int | None = 
     sweep = load_sweep(sweep_path)
     run_dir = Path(run_dir).resolve()
     plan = plan_trials(sweep, trials, seed)
-    parent = read_yaml(run_dir / "configs" / "pipeline.yaml") if (run_dir / "configs" / "pipeline.yaml").is_file() \
-        else None
+    layout = RunLayout(run_dir)
+    parent = read_yaml(layout.pipeline_config) if layout.pipeline_config.is_file() else None
     if parent is None and config_path is not None:
         from stages.runner import load_pipeline_config
 
@@ -287,25 +290,25 @@ def run_sweep(sweep_path: str | Path, run_dir: str | Path, trials: int | None = 
     ensure_parent(run_dir, config_path, overrides)
     results = []
     for i, params in enumerate(plan):
-        done = run_dir / "sweeps" / trial_name(params) / TRIAL_RESULT
+        done = layout.trial_result(trial_name(params))
         if done.is_file():
             print(f"[dymu sweep] trial {i + 1}/{len(plan)} {trial_name(params)}: finished, skipping")
             results.append(json.loads(done.read_text()))
             continue
         print(f"[dymu sweep] trial {i + 1}/{len(plan)} {trial_name(params)}")
         results.append(run_trial(run_dir, params))
-        write_summary(run_dir / "sweeps", results, sweep, Path(sweep_path).stem)
-    write_summary(run_dir / "sweeps", results, sweep, Path(sweep_path).stem)
+        write_summary(layout, results, sweep, Path(sweep_path).stem)
+    write_summary(layout, results, sweep, Path(sweep_path).stem)
     return results
 
 
-def write_summary(out_dir: Path, results: Sequence[dict[str, Any]], sweep: dict[str, Any], name: str = "") -> None:
+def write_summary(layout: RunLayout, results: Sequence[dict[str, Any]], sweep: dict[str, Any], name: str = "") -> None:
     """``summary.csv`` (one row per trial) and ``summary.md`` (the same, plus mean and spread over seeds) of the
     latest sweep, and a copy of both named after the sweep file (``summary_<name>.*``) that later sweeps in the
     same run directory leave alone."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    layout.sweeps_dir.mkdir(parents=True, exist_ok=True)
     keys = list(sweep["parameters"])
-    with open(out_dir / "summary.csv", "w", newline="") as fh:
+    with open(layout.sweep_summary("csv"), "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["trial", *keys, *METRIC_COLUMNS])
         for res in results:
@@ -337,10 +340,10 @@ def write_summary(out_dir: Path, results: Sequence[dict[str, Any]], sweep: dict[
                 values = np.array([r["metrics"].get(m, float("nan")) for r in members], dtype=float)
                 cells.append(f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.3f}")
             lines.append(f"| {setting} | {len(members)} | " + " | ".join(cells) + " |")
-    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    layout.sweep_summary("md").write_text("\n".join(lines) + "\n")
     if name:
         for suffix in ("csv", "md"):
-            (out_dir / f"summary_{name}.{suffix}").write_text((out_dir / f"summary.{suffix}").read_text())
+            layout.sweep_summary(suffix, name).write_text(layout.sweep_summary(suffix).read_text())
 
 
 # --- command lines -----------------------------------------------------------------------------------------
@@ -410,5 +413,5 @@ def sweep_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"[dymu sweep] error: {err}", file=sys.stderr)
         return 1
-    print(f"[dymu sweep] {len(results)} trials; summary: {Path(args.run_dir) / 'sweeps' / 'summary.md'}")
+    print(f"[dymu sweep] {len(results)} trials; summary: {RunLayout(args.run_dir).sweep_summary('md')}")
     return 0

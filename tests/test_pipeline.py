@@ -17,7 +17,8 @@ import torch
 import yaml
 
 from dymu import DynamicMultiTaskModel, Preference
-from stages.cli import anchor_main, edge_main, entry_point
+from stages.cli import entry_point
+from stages.stage_cli import stage_main
 from stages.runner import run_pipeline, run_stage, stage_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,7 +144,7 @@ def test_stage_refuses_an_anchor_trained_for_other_tasks(finished_run, tmp_path)
     config["data"]["init_args"]["tasks"] = ["semseg", "depth", "edges"]
     config["trainer"].update({"default_root_dir": str(tmp_path), "logger": CSV})
     with pytest.raises(ValueError, match="trained for tasks .* but this stage's data has"):
-        edge_main(["fit", "--config", str(write(config, tmp_path / "edge.yaml"))])
+        stage_main("edge", ["fit", "--config", str(write(config, tmp_path / "edge.yaml"))])
 
 
 def test_stage_refuses_a_backbone_that_differs_from_the_checkpoint(finished_run, tmp_path):
@@ -153,7 +154,7 @@ def test_stage_refuses_a_backbone_that_differs_from_the_checkpoint(finished_run,
                                    "init_args": {"channels": [4, 6, 10], "strides": [1, 2, 1]}}
     config["trainer"].update({"default_root_dir": str(tmp_path), "logger": CSV})
     with pytest.raises(ValueError, match="was trained with backbone"):
-        edge_main(["fit", "--config", str(write(config, tmp_path / "edge.yaml"))])
+        stage_main("edge", ["fit", "--config", str(write(config, tmp_path / "edge.yaml"))])
 
 
 def test_missing_parent_checkpoint_names_the_file(tmp_path):
@@ -162,14 +163,14 @@ def test_missing_parent_checkpoint_names_the_file(tmp_path):
              "trainer": {**tiny_trainer(2), "default_root_dir": str(tmp_path), "logger": CSV},
              "model": {"anchor_checkpoint": str(tmp_path / "nope.ckpt"), "affinity": str(tmp_path / "a.json")}}
     with pytest.raises(FileNotFoundError, match="nope.ckpt does not exist"):
-        edge_main(["fit", "--config", str(write(stage, tmp_path / "edge.yaml"))])
+        stage_main("edge", ["fit", "--config", str(write(stage, tmp_path / "edge.yaml"))])
 
 
 def test_single_stage_cli_validate_and_info(finished_run, tmp_path, capsys):
     run_dir, cfg = finished_run
     config = yaml.safe_load((run_dir / "configs" / "anchor.yaml").read_text())
     config["trainer"].update({"default_root_dir": str(tmp_path), "logger": CSV})
-    cli = anchor_main(["validate", "--config", str(write(config, tmp_path / "anchor.yaml")),
+    cli = stage_main("anchor", ["validate", "--config", str(write(config, tmp_path / "anchor.yaml")),
                        "--ckpt_path", str(run_dir / "anchor" / "final.ckpt")])
     metrics = cli.trainer.callback_metrics
     assert {"val/loss", "val/semseg_mIoU", "val/depth_RMSE", "val/normals_mean_angle"} <= set(metrics)

@@ -114,7 +114,7 @@ def parent_run(tmp_path_factory):
     config = tiny_config()
     config["edge"]["model"]["temperature_every"] = None
     cfg = write(config, tmp / "pipeline.yaml")
-    return run_pipeline(cfg, tmp / "run", stages=("anchor",))
+    return run_pipeline(cfg, tmp / "run", stages=("affinity",))
 
 
 def test_local_sweep_trains_trials_on_the_parents_anchor_and_resumes(parent_run, tmp_path, capsys):
