@@ -1,4 +1,7 @@
-"""Lightning data modules: the synthetic ones (no files) and the paper's data sets read from disk."""
+"""Lightning data modules: the synthetic ones (no files) and the paper's data sets read from disk.
+
+``base`` holds what they share (``MultiTaskDataModule``: loaders, DDP samplers, ``sample_inputs``, ``check_data``);
+``datasets`` holds the data sets themselves (on-disk formats, generated data) apart from the data modules."""
 
 from datamodules.cifar100 import CIFAR100MultiTask
 from datamodules.errors import DatasetNotFoundError

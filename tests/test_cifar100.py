@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datamodules.cifar100 import CIFAR100_MEAN, CIFAR100_STD, CIFAR100MultiTask, superclass_ranks
+from datamodules.cifar100 import CIFAR100MultiTask
+from datamodules.datasets.cifar100 import CIFAR100_MEAN, CIFAR100_STD, superclass_ranks
 from datamodules.errors import DatasetNotFoundError
 from dymu.tasks import IGNORE_INDEX, task_losses
 from tests.data.cifar100 import COARSE_LABEL_NAMES, FINE_TO_COARSE, FOLDER, make_cifar100, read_pickle, write_pickle

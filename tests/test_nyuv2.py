@@ -298,9 +298,9 @@ def write_bytes(what: str, make: Callable[[bytes], bytes]) -> Callable[[Path], P
 
 # (corruption, where it is caught, fragments the message must hold besides the file's path)
 BAD_FILES = {
-    "jpg not an image": (write_bytes("image", lambda b: b"not a jpeg at all"), "setup", ["cannot be read", "JPEG"]),
+    "jpg not an image": (write_bytes("image", lambda b: b"not a jpeg at all"), "setup", ["cannot read the image", "JPEG"]),
     # The last 200 bytes are scan data: the header still parses at setup, decoding fails when the sample is read.
-    "jpg truncated": (write_bytes("image", lambda b: b[:-200]), "item", ["cannot be read", "RGB JPEG"]),
+    "jpg truncated": (write_bytes("image", lambda b: b[:-200]), "item", ["cannot read the image", "RGB JPEG"]),
     "normals stored as 0..255": (write_npy("normals", lambda a: (a + 1) * 127.5), "item",
                                  ["unit vectors", "[-1, 1]", "2 * v / 255 - 1"]),
     "normals not unit length": (write_npy("normals", lambda a: a * 0.5), "item", ["length 1 within 0.1"]),

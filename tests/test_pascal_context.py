@@ -12,16 +12,9 @@ import pytest
 import torch
 from skimage.morphology import thin
 
+from datamodules.datasets.pascal_context import HUMAN_PART_CLASS, NORMALS_VALID_CLASSES, TASK_NAMES, edge_map
 from datamodules.errors import DatasetNotFoundError
-from datamodules.pascal_context import (
-    DEFAULT_SCALES,
-    HUMAN_PART_CLASS,
-    NORMALS_VALID_CLASSES,
-    TASK_NAMES,
-    THREE_TASKS,
-    PascalContext,
-    edge_map,
-)
+from datamodules.pascal_context import DEFAULT_SCALES, THREE_TASKS, PascalContext
 from dymu.tasks import IGNORE_INDEX
 from tests.data.pascal_context import (
     ALIGNED_NORMAL,
@@ -199,7 +192,7 @@ def _interior(labels: np.ndarray, radius: int = 2) -> np.ndarray:
 
 def test_training_augmentation_keeps_image_and_labels_aligned(tmp_path: Path) -> None:
     data = make_aligned_pascal_mt(tmp_path)
-    dm = PascalContext(data, crop_size=(32, 40))
+    dm = PascalContext(data, crop_size=(32, 40), batch_size=2)
     dataset = dm.dataset("train")
     random.seed(0)
     nx = 2 * ALIGNED_NORMAL[0] / 255 - 1
@@ -228,7 +221,7 @@ def test_training_augmentation_keeps_image_and_labels_aligned(tmp_path: Path) ->
 def test_flip_mirrors_every_key_and_negates_normals_x(tmp_path: Path) -> None:
     size = (40, 48)
     data = make_aligned_pascal_mt(tmp_path, size=size)
-    dm = PascalContext(data, crop_size=size, augment_scales=[1.0])
+    dm = PascalContext(data, crop_size=size, augment_scales=[1.0], batch_size=2)
     train, plain = dm.dataset("train"), dm.dataset("train", train=False)
     reference = plain[0]
     pattern = torch.from_numpy(aligned_pattern(0, size)).long()
@@ -307,18 +300,18 @@ def test_loaders_without_trainer_and_the_data_dir_is_unchanged(data: Path) -> No
 
 
 def test_evaluation_images_larger_than_the_crop_fail_at_setup(data: Path) -> None:
-    with pytest.raises(ValueError, match="larger than crop_size 32x32"):
+    with pytest.raises(ValueError, match=r"lists images up to 44 x 56 .*larger than crop_size 32 x 32.*at least \[44, 56\]"):
         PascalContext(data, crop_size=(32, 32)).setup("validate")
 
 
 def test_three_task_setting_needs_only_its_files(copy: Path) -> None:
     for defect in ("missing_normals", "missing_labelmap"):
         break_pascal_mt(copy, TRAIN_IDS[0], defect)
-    dm = PascalContext(copy, tasks=list(THREE_TASKS), crop_size=CROP)
+    dm = PascalContext(copy, tasks=list(THREE_TASKS), crop_size=CROP, batch_size=2)
     dm.setup("fit")
     assert set(dm.dataset("train")[0]) == {"image", *THREE_TASKS}
     with pytest.raises(DatasetNotFoundError):
-        PascalContext(copy, tasks=["edges"], crop_size=CROP).setup("fit")
+        PascalContext(copy, tasks=["edges"], crop_size=CROP, batch_size=2).setup("fit")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -344,7 +337,7 @@ def test_missing_split_file(copy: Path) -> None:
 
 def test_empty_split_file(copy: Path) -> None:
     (copy / "ImageSets" / "Context" / "train.txt").write_text("\n")
-    with pytest.raises(ValueError, match=r"train\.txt lists no image ids"):
+    with pytest.raises(ValueError, match=r"train\.txt: lists no ids"):
         PascalContext(copy, crop_size=CROP).setup("fit")
 
 
@@ -363,7 +356,7 @@ def test_missing_file_of_a_listed_id_fails_at_setup(copy: Path, defect: str, fra
     image_id = TRAIN_IDS[2]
     path = break_pascal_mt(copy, image_id, defect)
     with pytest.raises(DatasetNotFoundError) as info:
-        PascalContext(copy, crop_size=CROP).setup("fit")
+        PascalContext(copy, crop_size=CROP, batch_size=2).setup("fit")
     message = str(info.value)
     assert fragment.format(id=image_id) in message and str(copy) in message and image_id in message
     assert "Expected layout" in message and "PASCAL_MT.tgz" in message
@@ -392,7 +385,7 @@ def test_missing_file_of_a_listed_id_fails_at_setup(copy: Path, defect: str, fra
 def test_malformed_file_names_the_file_and_the_expectation(copy: Path, defect: str, fragment: str) -> None:
     image_id = TRAIN_IDS[0]  # kind 0: 40x48
     path = break_pascal_mt(copy, image_id, defect)
-    dm = PascalContext(copy, crop_size=CROP)
+    dm = PascalContext(copy, crop_size=CROP, batch_size=2)
     dm.setup("fit")  # contents are checked when a sample is loaded (image headers also at evaluation setup)
     with pytest.raises(ValueError, match=fragment) as info:
         dm.dataset("train", train=False)[0]
@@ -404,7 +397,7 @@ def test_malformed_file_names_the_file_and_the_expectation(copy: Path, defect: s
     [
         ({"tasks": ["semseg", "depth"]}, "unknown: \\['depth'\\]"),
         ({"tasks": ["semseg", "semseg"]}, "distinct"),
-        ({"tasks": []}, "at least one"),
+        ({"tasks": []}, "1 to 5 distinct"),
         ({"tasks": ["semseg"], "scales": {"parts": 2.0}}, "not configured"),
         ({"scales": {"edges": 0.0}}, "positive"),
         ({"crop_size": (512,)}, "crop_size"),

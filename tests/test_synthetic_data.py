@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from datamodules import SyntheticRegressionDataModule, SyntheticScenesDataModule
-from datamodules.synthetic import ACTIVATIONS, DEFAULT_SCALES, DENSE_TASKS
+from datamodules.datasets.synthetic import ACTIVATIONS, DENSE_TASKS
+from datamodules.synthetic import DEFAULT_SCALES
 
 SIZE = 32
 
@@ -234,7 +235,7 @@ def test_scenes_reject_bad_arguments(kwargs: dict[str, object], message: str) ->
 
 def test_bad_sample_count_and_split_raise() -> None:
     dm = make_scenes()
-    with pytest.raises(ValueError, match=r"between 1 and num_train \(24\), got 25"):
+    with pytest.raises(ValueError, match=r"between 1 and the number of training samples \(24\), got 25"):
         dm.sample_inputs(25)
     with pytest.raises(ValueError, match=r"'train', 'val', 'test'"):
         dm.dataset("holdout")
