@@ -23,7 +23,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
               "a local sweep of the hypernet stages over D's anchor (D/sweeps/)"),
     "trial": ("stages.sweep:trial_main", "--run_dir D --KEY=VALUE ...",
               "one sweep trial (the command a W&B sweep agent runs)"),
-    "info": ("stages.info:main", "--config P.yaml | --stages", "sizes without data or training; the stage table"),
+    "info": ("stages.info:main", "--config P.yaml [--set KEY=VALUE] | --stages",
+             "sizes without data or training, beside the paper's (tables 1-4); the stage table"),
 }
 
 

@@ -33,6 +33,10 @@ class Stage:
         shared: top-level pipeline sections copied into the stage's ``model`` (e.g. the backbone).
         seeded: the stage's ``model.seed`` follows the run's ``seed_everything`` unless set in its section.
         link_input_shape: the LightningCLI links the data's input shape into the model.
+        in_pipeline: part of ``dymu run`` by default (DYMU's own stages); the baselines run when asked for
+            (``dymu run --stages phn``, ``dymu compare``).
+        repeat: ``"package.module:function"`` giving, from the pipeline config, the instances of a stage trained
+            several times (one folder each, e.g. ``static/p00``) and each one's model arguments.
     """
 
     name: str
@@ -44,21 +48,33 @@ class Stage:
     shared: tuple[str, ...] = ()
     seeded: bool = False
     link_input_shape: bool = False
+    in_pipeline: bool = True
+    repeat: str | None = None
 
     @property
     def trained(self) -> bool:
         return self.module is not None
 
-    def artefacts(self, layout: RunLayout) -> list[Path]:
+    def instances(self, config: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """``(folder, model arguments)`` of each time the stage is trained: ``[(name, {})]`` unless repeated."""
+        if self.repeat is None:
+            return [(self.name, {})]
+        if config is None:
+            raise ValueError(f"the instances of stage {self.name!r} depend on the pipeline config")
+        return _load(self.repeat)(config)
+
+    def artefacts(self, layout: RunLayout, config: dict[str, Any] | None = None) -> list[Path]:
         """What the stage leaves in a run directory when finished."""
         if self.trained:
-            return [layout.final(self.name)]
+            if self.repeat is not None and config is None:
+                return [layout.final(f"{self.name}/<instance>")]
+            return [layout.final(folder) for folder, _ in self.instances(config)]
         if self.name == "affinity":
             return [layout.affinity]
         return []
 
-    def finished(self, layout: RunLayout) -> bool:
-        return all(p.is_file() for p in self.artefacts(layout))
+    def finished(self, layout: RunLayout, config: dict[str, Any] | None = None) -> bool:
+        return all(p.is_file() for p in self.artefacts(layout, config))
 
     def model_class(self) -> type:
         if self.module is None:
@@ -69,6 +85,10 @@ class Stage:
         if self.compute is None:
             raise ValueError(f"stage {self.name!r} is not a computed step")
         return _load(self.compute)
+
+
+def _anchor(layout: RunLayout) -> Path:
+    return layout.final("anchor")
 
 
 def _load(target: str) -> Any:
@@ -88,10 +108,44 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("weight", "stage 3: train the weight hypernet (preference -> BatchNorm shifts)", parents=("edge",),
           module="lightning_modules.weight:WeightHypernetAdaptation", seeded=True,
           inputs={"edge_checkpoint": ("edge", lambda lay: lay.final("edge"))}),
+    # the baselines of the paper's comparison (dymu compare)
+    Stage("shared_mtl", "baseline: the shared multi-task network at the uniform preference (PHN-BN's parent)",
+          parents=("anchor",), module="lightning_modules.shared_mtl:SharedMultiTaskTraining", shared=("backbone",),
+          link_input_shape=True, in_pipeline=False, inputs={"anchor_checkpoint": ("anchor", _anchor)}),
+    Stage("phn", "baseline: Pareto HyperNetwork (every weight generated from r)", parents=("anchor",),
+          module="lightning_modules.phn:ParetoHypernetTraining", shared=("backbone",), seeded=True,
+          link_input_shape=True, in_pipeline=False, inputs={"anchor_checkpoint": ("anchor", _anchor)}),
+    Stage("phn_bn", "baseline: PHN-BN (BatchNorm shifts over the frozen shared network)",
+          parents=("shared_mtl", "anchor"), module="lightning_modules.phn_bn:PhnBnTraining", seeded=True,
+          in_pipeline=False, inputs={"shared_checkpoint": ("shared_mtl", lambda lay: lay.final("shared_mtl")),
+                                     "anchor_checkpoint": ("anchor", _anchor)}),
+    Stage("static", "baseline: K shared multi-task networks, one per evaluation preference", parents=("anchor",),
+          module="lightning_modules.shared_mtl:SharedMultiTaskTraining", shared=("backbone",),
+          link_input_shape=True, in_pipeline=False, repeat="stages.graph:static_instances",
+          inputs={"anchor_checkpoint": ("anchor", _anchor)}),
 )}
 
-PIPELINE_KEYS = ("run_dir", "seed_everything", "data", "backbone", "logger", "evaluate")
+STATIC_COUNT = 20
+"""K, the static networks of the comparison: the protocol's evaluation preferences at c = 0."""
+
+
+def static_instances(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """One static network per evaluation preference of the protocol (``static.count`` of them, default K = 20,
+    ``r ~ Dirichlet(1)`` with the evaluation's seed): folders ``static/p00``, ``static/p01``, ..."""
+    from dymu.preference import evaluation_preferences
+    from stages.common import build_data
+
+    count = int((config.get("static") or {}).get("count", STATIC_COUNT))
+    if count < 1:
+        raise ValueError(f"static.count must be at least 1, got {count}")
+    n = len(build_data(config["data"]).tasks)
+    seed = int((config.get("evaluate") or {}).get("seed", 0))
+    prefs = evaluation_preferences(n, count, c=0.0, seed=seed)
+    return [(f"static/p{k:02d}", {"preference": [float(v) for v in p.r]}) for k, p in enumerate(prefs)]
+
+PIPELINE_KEYS = ("run_dir", "seed_everything", "data", "backbone", "logger", "evaluate", "compare")
 STAGE_SECTION_KEYS = ("trainer", "model", "checkpoint", "data")
+REPEAT_KEYS = ("count",)
 
 
 def training_stages() -> list[Stage]:
@@ -99,7 +153,8 @@ def training_stages() -> list[Stage]:
 
 
 def order(targets: tuple[str, ...] | None = None) -> list[Stage]:
-    """The stages needed for ``targets`` (all by default), parents first, in the table's order."""
+    """The stages needed for ``targets`` (by default the pipeline's: ``in_pipeline``), parents first, in the
+    table's order."""
     unknown = sorted(set(targets or ()) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stages {unknown}; the stage table has {list(STAGES)}")
@@ -111,17 +166,18 @@ def order(targets: tuple[str, ...] | None = None) -> list[Stage]:
             for parent in STAGES[name].parents:
                 visit(parent)
 
-    for name in targets or tuple(STAGES):
+    for name in targets or tuple(n for n, s in STAGES.items() if s.in_pipeline):
         visit(name)
     return [s for s in STAGES.values() if s.name in needed]
 
 
 def describe_table() -> str:
     """The stage table as Markdown (for ``dymu info --stages`` and the docs)."""
-    lines = ["| stage | kind | parents | writes | what |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| stage | kind | parents | writes | in `dymu run` | what |", "| --- | --- | --- | --- | --- | --- |"]
     layout = RunLayout("<run_dir>")
     for s in STAGES.values():
         kind = f"training (`{s.module}`)" if s.trained else "computed"
         writes = ", ".join(f"`{p.relative_to(layout.root)}`" for p in s.artefacts(layout))
-        lines.append(f"| {s.name} | {kind} | {', '.join(s.parents) or '-'} | {writes} | {s.summary} |")
+        lines.append(f"| {s.name} | {kind} | {', '.join(s.parents) or '-'} | {writes} | "
+                     f"{'yes' if s.in_pipeline else 'when asked'} | {s.summary} |")
     return "\n".join(lines)

@@ -163,10 +163,10 @@ def checkpoint_problem(path: Path) -> str | None:
 
 def written_root(stage_config: dict[str, Any], stage: str) -> Path | None:
     """The run directory a stored stage config was written for (its ``trainer.default_root_dir`` is
-    ``<run_dir>/<stage>``), or None."""
+    ``<run_dir>/<stage>``; ``stage`` may be an instance's folder such as ``static/p00``), or None."""
     root_dir = (stage_config.get("trainer") or {}).get("default_root_dir")
-    if isinstance(root_dir, str) and Path(root_dir).name == stage:
-        return Path(root_dir).parent
+    if isinstance(root_dir, str) and root_dir.endswith("/" + stage):
+        return Path(root_dir[: -len(stage) - 1])
     return None
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from stages.common import DEFAULT_LOGGER, build_data, read_yaml, write_yaml
-from stages.graph import PIPELINE_KEYS, STAGE_SECTION_KEYS, STAGES, Stage, order, training_stages
+from stages.graph import PIPELINE_KEYS, REPEAT_KEYS, STAGE_SECTION_KEYS, STAGES, Stage, order, training_stages
 from stages.layout import RunLayout, checkpoint_problem, relative_config, written_root
 
 GPU_ACCELERATORS = ("gpu", "cuda")
@@ -54,35 +54,41 @@ def check_pipeline_config(config: dict[str, Any], path: str | Path) -> None:
         section = config.get(name)
         if section is not None and not isinstance(section, dict):
             raise ValueError(f"{path}: section {name!r} must be a mapping, got {section!r}")
-        allowed = STAGE_SECTION_KEYS if stage.trained else ("num_images", "seed")
+        allowed = (*STAGE_SECTION_KEYS, *(REPEAT_KEYS if stage.repeat else ())) if stage.trained \
+            else ("num_images", "seed")
         extra = sorted(set(section or {}) - set(allowed))
         if extra:
             raise ValueError(f"{path}: section {name!r} has unknown keys {extra}; allowed: {list(allowed)}")
 
 
 def stage_config(config: dict[str, Any], stage: str, run_dir: str | Path,
-                 sources: dict[str, RunLayout] | None = None) -> dict[str, Any]:
+                 sources: dict[str, RunLayout] | None = None, folder: str | None = None,
+                 model_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """The full LightningCLI ``fit`` config of one training stage of the table.
 
     Args:
         sources: where a parent's artefacts live when not in ``run_dir`` (a sweep trial reads its parent
             run's anchor and affinity): parent name -> that run's layout.
+        folder, model_args: one instance of a repeated stage (``Stage.instances``): its folder in the run
+            directory (default: the stage's name) and its own model arguments.
     """
     spec = STAGES[stage]
     layout = RunLayout(run_dir)
+    folder = folder or stage
     section = copy.deepcopy(config.get(stage) or {})
     trainer = section.get("trainer", {})
-    trainer["default_root_dir"] = str(layout.stage_dir(stage))
+    trainer["default_root_dir"] = str(layout.stage_dir(folder))
     logger = copy.deepcopy(config.get("logger", DEFAULT_LOGGER))
     if isinstance(logger, dict) and "class_path" in logger:
         init_args = logger.setdefault("init_args", {})
         if init_args.get("save_dir") in (None, "", "."):
-            init_args["save_dir"] = str(layout.stage_dir(stage))
+            init_args["save_dir"] = str(layout.stage_dir(folder))
         if logger["class_path"].endswith("WandbLogger"):
-            init_args.setdefault("name", f"{layout.root.name}-{stage}")
+            init_args.setdefault("name", f"{layout.root.name}-{folder.replace('/', '-')}")
             init_args.setdefault("group", layout.root.name)
     trainer.setdefault("logger", logger)
     model = section.get("model", {})
+    model.update(copy.deepcopy(model_args or {}))
     for key in spec.shared:
         model[key] = copy.deepcopy(config[key])
     if spec.seeded:
@@ -117,17 +123,20 @@ def check_accelerator(stage: str, config: dict[str, Any]) -> None:
 def check_before_training(config: dict[str, Any], run_dir: Path, stages: list[Stage],
                           sources: dict[str, RunLayout] | None = None) -> dict[str, dict[str, Any]]:
     """Everything that can fail before any training, in this order: every stage config parsed and
-    type-checked, the data set on disk, the accelerators present. Returns the stage configs."""
+    type-checked, the data set on disk, the accelerators present. Returns the stage configs by folder (the
+    stage's name, or ``static/p00`` for an instance of a repeated stage)."""
     from stages.stage_cli import check_stage_config
 
-    configs = {}
+    configs: dict[str, dict[str, Any]] = {}
     for spec in stages:
         if spec.trained:
-            configs[spec.name] = stage_config(config, spec.name, run_dir, sources)
-            check_stage_config(spec.name, configs[spec.name])
+            for i, (folder, model_args) in enumerate(spec.instances(config)):
+                configs[folder] = stage_config(config, spec.name, run_dir, sources, folder, model_args)
+                if i == 0:  # the instances differ only in their model arguments' values
+                    check_stage_config(spec.name, configs[folder])
     build_data(config["data"]).check_data()  # the data set first: it is what a new user most often lacks
-    for name, stage in configs.items():
-        check_accelerator(name, stage)
+    for folder, stage in configs.items():
+        check_accelerator(folder.split("/")[0], stage)
     return configs
 
 
@@ -152,9 +161,10 @@ def same_config(stored: dict[str, Any], config: dict[str, Any], stage: str, run_
     return relative_config(stored, old_root) == relative_config(config, run_dir)
 
 
-def run_stage(stage: str, config: dict[str, Any], run_dir: str | Path) -> None:
-    """Skip, resume or start one training stage."""
+def run_stage(stage: str, config: dict[str, Any], run_dir: str | Path, folder: str | None = None) -> None:
+    """Skip, resume or start one training stage (``folder``: one instance of a repeated stage)."""
     layout = RunLayout(run_dir)
+    cli_stage, stage = stage, folder or stage  # the LightningCLI to run; the folder its paths and messages name
     cfg_path = layout.stage_config(stage)
     if cfg_path.is_file() and layout.started(stage) and not same_config(read_yaml(cfg_path), config, stage,
                                                                        layout.root):
@@ -173,7 +183,7 @@ def run_stage(stage: str, config: dict[str, Any], run_dir: str | Path) -> None:
         os.replace(final, aside)
         print(f"[dymu run] {stage}: {final} is {problem}; set aside as {aside.name}", file=sys.stderr)
     write_yaml(config, cfg_path)
-    command = [sys.executable, "-m", "stages.cli", stage, "fit", "--config", str(cfg_path)]
+    command = [sys.executable, "-m", "stages.cli", cli_stage, "fit", "--config", str(cfg_path)]
     resume = resume_checkpoint(layout, stage)
     if resume is not None:
         print(f"[dymu run] {stage}: resuming from {resume}")
@@ -255,22 +265,27 @@ def load_pipeline_config(config_path: str | Path, overrides: list[str] | None = 
 
 def write_stage_configs(config: dict[str, Any], out_dir: str | Path, run_dir: str | Path,
                         source: str | Path | None = None) -> list[Path]:
-    """Write each training stage's LightningCLI config (the one ``dymu run`` would use with ``run_dir``) into
-    ``out_dir``, for running stages one by one with ``dymu <stage> fit --config``."""
+    """Write the LightningCLI config of each training stage that ``dymu run`` would train with ``run_dir``
+    (the pipeline's stages, and the baselines the config has a section for; one file per instance of a
+    repeated stage, e.g. ``static/p00.yaml``) into ``out_dir``, for running stages one by one with
+    ``dymu <stage> fit --config``."""
     paths = []
     layout = RunLayout(run_dir)
     for spec in training_stages():
-        path = Path(out_dir) / f"{spec.name}.yaml"
-        write_yaml(stage_config(config, spec.name, run_dir), path)
-        if source is not None:
-            header = (f"# Stage '{spec.name}' of {source}, written by `dymu configs --config {source} --out "
-                      f"{out_dir} --run_dir {run_dir}`.\n# Edit the pipeline config and regenerate; run with "
-                      f"`dymu {spec.name} fit --config <this file>`")
-            if "affinity" in spec.parents:
-                header += (f"\n# after `dymu affinity --config <this file> --anchor_checkpoint "
-                           f"{layout.final('anchor')} --out_dir {run_dir}`")
-            path.write_text(header + ".\n" + path.read_text())
-        paths.append(path)
+        if not (spec.in_pipeline or spec.name in config):
+            continue
+        for folder, model_args in spec.instances(config):
+            path = Path(out_dir) / f"{folder}.yaml"
+            write_yaml(stage_config(config, spec.name, run_dir, folder=folder, model_args=model_args), path)
+            if source is not None:
+                header = (f"# Stage '{folder}' of {source}, written by `dymu configs --config {source} --out "
+                          f"{out_dir} --run_dir {run_dir}`.\n# Edit the pipeline config and regenerate; run with "
+                          f"`dymu {spec.name} fit --config <this file>`")
+                if "affinity" in spec.parents:
+                    header += (f"\n# after `dymu affinity --config <this file> --anchor_checkpoint "
+                               f"{layout.final('anchor')} --out_dir {run_dir}`")
+                path.write_text(header + ".\n" + path.read_text())
+            paths.append(path)
     return paths
 
 
@@ -287,10 +302,11 @@ def run_pipeline(config_path: str | Path, run_dir: str | Path | None = None, eva
     write_yaml(config, layout.pipeline_config)
     for spec in plan:
         if spec.trained:
-            run_stage(spec.name, configs[spec.name], layout.root)
+            for folder, _ in spec.instances(config):
+                run_stage(spec.name, configs[folder], layout.root, folder)
         elif not spec.finished(layout):
             spec.compute_function()(config, layout)
-    if evaluate and plan[-1].name == "weight":
+    if evaluate and "weight" in [s.name for s in plan]:
         from stages.evaluate import evaluate_run
 
         evaluate_run(layout.root, **(config.get("evaluate") or {}))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,30 @@ class StageCheckpoint(ModelCheckpoint):
     def __init__(self, every_n_train_steps: int = 100) -> None:
         super().__init__(dirpath=None, filename=STEP_CHECKPOINT, save_last=True, save_top_k=1,
                          every_n_train_steps=every_n_train_steps, enable_version_counter=False)
+        self._seconds_before = 0.0  # training wall-clock time of earlier runs of this stage (resumed)
+        self._started: float | None = None
+
+    def train_seconds(self) -> float:
+        """Wall-clock seconds spent in training so far, over every resumption (``dymu compare``'s x axis)."""
+        return self._seconds_before + (time.perf_counter() - self._started if self._started is not None else 0.0)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._started = time.perf_counter()
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._seconds_before, self._started = self.train_seconds(), None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), TRAIN_SECONDS: self.train_seconds()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._seconds_before = float(state_dict.get(TRAIN_SECONDS, 0.0))
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != TRAIN_SECONDS})
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # also at the top level (read without the callback), the same value as the callback's state
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
+        checkpoint[TRAIN_SECONDS] = state.get(TRAIN_SECONDS, self.train_seconds())
 
     def _layout(self, trainer: Trainer) -> tuple[RunLayout, str]:
         stage_dir = Path(trainer.default_root_dir)
@@ -71,6 +96,15 @@ class StageCheckpoint(ModelCheckpoint):
             trainer.save_checkpoint(path)
             if trainer.is_global_zero:
                 print(f"[dymu] stopped at step {trainer.global_step}: saved {path}; rerun to resume", flush=True)
+
+
+TRAIN_SECONDS = "dymu_train_seconds"
+
+
+def train_seconds(checkpoint: dict[str, Any]) -> float | None:
+    """The training wall-clock seconds a stage checkpoint records (None for checkpoints written before)."""
+    value = checkpoint.get(TRAIN_SECONDS)
+    return None if value is None else float(value)
 
 
 def task_configs(tasks: list[Any]) -> list[dict[str, Any]]:

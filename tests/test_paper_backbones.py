@@ -114,7 +114,8 @@ def test_resnet34_parameter_counts():
     assert count_parameters(light.make_head(make_task("semseg", out_channels=40))) == decoder
 
 
-@pytest.mark.parametrize("width, channels", [(1.0, (64, 128, 256, 512)), (0.5, (32, 64, 128, 256))])
+@pytest.mark.parametrize("width, channels", [(1.0, (64, 128, 256, 512)), (0.5, (32, 64, 128, 256)),
+                                            (0.525, (34, 67, 134, 269))])
 def test_resnet9_parameter_counts(width, channels):
     c0, c1, c2, c3 = channels
     blocks = [conv_bn_params(3, 3, c0),
@@ -126,6 +127,8 @@ def test_resnet9_parameter_counts(width, channels):
     assert count_parameters(backbone.make_head(make_task("classification", out_channels=5))) == c3 * 5 + 5
     if width == 1.0:
         assert sum(blocks) + c3 * 5 + 5 == 6_570_565
+    if width == 0.525:  # 20 streams: DYMU table 4's 36.18M to 0.25 %
+        assert 20 * (sum(blocks) + c3 * 5 + 5) == 36_272_760
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,6 +15,8 @@ import pytest
 import torch
 import yaml
 
+from dymu.anchor import AnchorNet, count_parameters
+from stages.common import build_backbone_from_config, build_data
 from stages.runner import load_pipeline_config, run_pipeline
 from tests.data.cifar100 import make_cifar100
 from tests.data.nyuv2 import make_nyud_mt
@@ -68,6 +71,34 @@ def test_every_stage_runs_on_the_fixture(dataset: str, tmp_path: Path) -> None:
         assert ckpt["global_step"] == 2, stage
     report = (run_dir / "evaluation" / "report.md").read_text()
     assert "hypervolume" in report.lower()
+
+
+def textbook_overrides(config_path: Path) -> list[str]:
+    """The ``--set`` overrides that the comments of the config's ``backbone`` section give."""
+    lines = config_path.read_text().splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("backbone:")))
+    end = next(i for i in range(start + 1, len(lines)) if lines[i][:1] not in (" ", ""))
+    comments = " ".join(line.split("#", 1)[1].rstrip(" \\") for line in lines[start:end] if "#" in line)
+    words = shlex.split(comments)
+    return [words[i + 1] for i, word in enumerate(words[:-1]) if word == "--set"]
+
+
+# pipeline config: the anchor's parameters with the textbook network (docs/datasets.md)
+TEXTBOOK = {"nyuv2/pipeline.yaml": 80_144_140, "cifar100/pipeline.yaml": 131_411_300}
+
+
+@pytest.mark.parametrize("name, params", list(TEXTBOOK.items()))
+def test_the_textbook_network_is_the_commented_set_away(name: str, params: int) -> None:
+    """The configs default to the network matching the paper's size (tests/test_info.py); the overrides their
+    comments give turn it into the backbone class's defaults, the textbook network, of ``params`` parameters."""
+    path = ROOT / "configs" / name
+    overrides = textbook_overrides(path)
+    assert overrides and all(o.startswith("backbone.init_args.") for o in overrides), overrides
+    paper = build_backbone_from_config(load_pipeline_config(path)["backbone"])
+    config = load_pipeline_config(path, overrides)
+    textbook = build_backbone_from_config(config["backbone"])
+    assert textbook.config() == type(textbook)().config() != paper.config()
+    assert count_parameters(AnchorNet(textbook, build_data(config["data"]).tasks)) == params
 
 
 def logged_metrics(run_dir: Path) -> dict[str, float]:

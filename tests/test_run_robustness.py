@@ -158,7 +158,11 @@ def test_truncated_last_checkpoint_resumes_from_the_intact_one(anchor_run, tmp_p
     captured = capsys.readouterr()
     assert "last.ckpt" in captured.err and "set aside" in captured.err
     assert f"resuming from {steps[0]}" in captured.out
-    assert torch.load(layout.final("anchor"), weights_only=True)["global_step"] == 4
+    final = torch.load(layout.final("anchor"), weights_only=True)
+    assert final["global_step"] == 4
+    # the training time of the interrupted run carries over into the resumed one
+    before = torch.load(steps[0], weights_only=True)["dymu_train_seconds"]
+    assert 0 < before <= final["dymu_train_seconds"]
     assert (layout.checkpoints_dir("anchor") / "last.ckpt.corrupt").is_file(), "the corrupt file was deleted"
 
 

@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=8)
     parser.add_argument("--lr", type=float, default=None, help="default: 0.05 free, 5e-3 hypernet")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--c_sampling", choices=["uniform", "paired", "stratified"], default="uniform")
+    parser.add_argument("--logit_bound", type=float, default=None)
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -79,6 +81,17 @@ def main() -> None:
     regularizer = {"tau": args.tau, "lambda_active": args.lambda_active, "lambda_inactive": args.lambda_inactive,
                    "layer_weighting": args.layer_weighting}
     learner: nn.Module = FreeLogits(n_layers, n) if args.learner == "free" else EdgeHypernet(n, n_layers)
+    if args.logit_bound is not None:
+        inner, bound = learner, args.logit_bound
+
+        class Bounded(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, r, c):
+                return bound * torch.tanh(self.inner(r, c) / bound)
+        learner = Bounded()
     lr = args.lr if args.lr is not None else (0.05 if args.learner == "free" else 5e-3)
     optimizer = torch.optim.Adam(learner.parameters(), lr=lr)
     rng = np.random.default_rng(args.seed)
@@ -88,8 +101,16 @@ def main() -> None:
         if args.learner == "free":
             return [fixed] * args.groups
         if args.train_r == "uniform":
-            return [Preference.uniform(n, float(rng.uniform())) for _ in range(args.groups)]
-        return [sample_training_preference(n, rng, eta=args.eta) for _ in range(args.groups)]
+            prefs = [Preference.uniform(n, float(rng.uniform())) for _ in range(args.groups)]
+        else:
+            prefs = [sample_training_preference(n, rng, eta=args.eta) for _ in range(args.groups)]
+        if args.c_sampling == "paired":
+            prefs = [Preference.create(prefs[g - g % 2].r, prefs[g - g % 2].c if g % 2 == 0 else 1 - prefs[g - 1].c)
+                     for g in range(args.groups)]
+        elif args.c_sampling == "stratified":
+            cs = (rng.permutation(args.groups) + rng.uniform()) / args.groups
+            prefs = [Preference.create(p.r, float(c)) for p, c in zip(prefs, cs)]
+        return prefs
 
     batches = iter([])
     for step in range(args.steps):
