@@ -30,29 +30,47 @@ class EdgeHypernet(nn.Module):
     Args:
         pin_heads: every head keeps its own stream's last block (the heads' parent choice is not searched;
             METHOD.md's third reading of the layer weighting).
+        c_conditioning: how ``c`` enters. ``"embedding"`` (the paper's): ``c e_c`` in the embedding, like
+            ``r``. ``"affine"``: the logits are ``a(r) + c b(r)``, two sets of heads on an embedding of ``r``
+            alone, so the tree at ``c = 0`` has parameters of its own and each edge's preference moves
+            monotonically with ``c`` (docs/controllability.md).
     """
 
+    C_CONDITIONINGS = ("embedding", "affine")
+
     def __init__(self, n_tasks: int, n_layers: int, embed_dim: int = 32, hidden: int = 100,
-                 pin_heads: bool = False) -> None:
+                 pin_heads: bool = False, c_conditioning: str = "embedding") -> None:
         super().__init__()
+        if c_conditioning not in self.C_CONDITIONINGS:
+            raise ValueError(f"c_conditioning must be one of {self.C_CONDITIONINGS}, got {c_conditioning!r}")
         self.n_tasks, self.n_layers = n_tasks, n_layers
         self.pin_heads = bool(pin_heads)
-        self.size_args: dict[str, int | bool] = {"embed_dim": embed_dim, "hidden": hidden}
+        self.c_conditioning = c_conditioning
+        self.size_args: dict[str, int | bool | str] = {"embed_dim": embed_dim, "hidden": hidden}
         if self.pin_heads:
             self.size_args["pin_heads"] = True
+        if c_conditioning != "embedding":
+            self.size_args["c_conditioning"] = c_conditioning
         self.embedding = PreferenceEmbedding(n_tasks, embed_dim)
         self.body = mlp([embed_dim, hidden, hidden])
         self.heads = nn.ModuleList([nn.Linear(hidden, n_tasks * n_tasks) for _ in range(n_layers)])
+        self.c_heads = nn.ModuleList([nn.Linear(hidden, n_tasks * n_tasks) for _ in range(n_layers)]) \
+            if c_conditioning == "affine" else None
         # Every parent starts equally likely for every preference (Learning to Branch's uniform start)
         # rather than at a random tree that the initialisation would pick.
-        for head in self.heads:
+        for head in [*self.heads, *(self.c_heads or [])]:
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
 
     def forward(self, r: Tensor, c: Tensor) -> Tensor:
-        z = self.body(self.embedding(r, c))
+        affine = self.c_heads is not None
+        z = self.body(self.embedding(r, torch.zeros_like(c) if affine else c))
         shape = (*z.shape[:-1], self.n_tasks, self.n_tasks)
         logits = torch.stack([h(z).view(shape) for h in self.heads], dim=-3)
+        if self.c_heads is not None:
+            slope = torch.stack([h(z).view(shape) for h in self.c_heads], dim=-3)
+            logits = logits + torch.as_tensor(c, dtype=logits.dtype, device=logits.device)[..., None, None, None] \
+                * slope
         if self.pin_heads:
             # a large finite gap rather than -inf: the soft samples stay exactly one-hot without NaN gradients
             eye = torch.eye(self.n_tasks, dtype=torch.bool, device=logits.device)

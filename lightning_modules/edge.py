@@ -40,6 +40,8 @@ class EdgeHypernetSearch(PreferenceStage):
         layer_weighting: the active loss's layer weights, ``"paper"``, ``"all"`` or ``"none"``
             (``dymu.regularizer.layer_weights``).
         pin_heads: every head keeps its own stream's last block (not searched).
+        c_conditioning: ``"embedding"`` (the paper's: ``c`` in the preference embedding) or ``"affine"``
+            (logits ``a(r) + c b(r)``; ``dymu.hypernets.EdgeHypernet``).
         use_affinity, task_dichotomy, use_inactive: the paper's table-6 ablations when False.
         straight_through: task loss of the hard sampled tree with the soft gradient (default), or of the soft
             mixture of parents (False).
@@ -55,6 +57,7 @@ class EdgeHypernetSearch(PreferenceStage):
                  lambda_inactive: float = 0.1, temperature: float = 5.0, temperature_decay: float = 0.97,
                  temperature_every: int | None = None, dirichlet_eta: float = 0.2, preference_groups: int = 1,
                  loss_scales: str = "config", layer_weighting: str = "paper", pin_heads: bool = False,
+                 c_conditioning: str = "embedding",
                  use_affinity: bool = True, task_dichotomy: bool = True, use_inactive: bool = True,
                  straight_through: bool = True, embed_dim: int = 32, hidden: int = 100,
                  optimizer: OptimizerCallable = default_optimizer,
@@ -67,6 +70,8 @@ class EdgeHypernetSearch(PreferenceStage):
         edge_args: dict[str, Any] = {"embed_dim": embed_dim, "hidden": hidden}
         if pin_heads:
             edge_args["pin_heads"] = True
+        if c_conditioning != "embedding":
+            edge_args["c_conditioning"] = c_conditioning
         self.build_on_parent(anchor_checkpoint, task_configs, backbone, "edge", edge_args)
         n = self.model.n_tasks
         self.tau = 0.6 / n if tau is None else float(tau)

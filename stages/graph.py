@@ -123,6 +123,17 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           module="lightning_modules.shared_mtl:SharedMultiTaskTraining", shared=("backbone",),
           link_input_shape=True, in_pipeline=False, repeat="stages.graph:static_instances",
           inputs={"anchor_checkpoint": ("anchor", _anchor)}),
+    # the static architecture searches (the architecture evaluation of dymu compare)
+    Stage("ltb", "baseline: Learning to Branch (a static tree, Gumbel-sampled branching from the anchor)",
+          parents=("anchor",), module="lightning_modules.ltb:LearnToBranchSearch", shared=("backbone",),
+          seeded=True, link_input_shape=True, in_pipeline=False, inputs={"anchor_checkpoint": ("anchor", _anchor)}),
+    Stage("bmtas", "baseline: BMTAS (per-task routings, proxyless resource loss)", parents=("anchor",),
+          module="lightning_modules.bmtas:BmtasSearch", shared=("backbone",), seeded=True, link_input_shape=True,
+          in_pipeline=False, inputs={"anchor_checkpoint": ("anchor", _anchor)}),
+    Stage("feature_partitioning", "baseline: feature partitioning (channel masks searched by distillation)",
+          parents=("anchor",), module="lightning_modules.feature_partitioning:FeaturePartitionTraining",
+          shared=("backbone",), seeded=True, link_input_shape=True, in_pipeline=False,
+          inputs={"anchor_checkpoint": ("anchor", _anchor)}),
 )}
 
 STATIC_COUNT = 20

@@ -18,8 +18,8 @@ import yaml
 
 from dymu import DynamicMultiTaskModel, Preference
 from stages.cli import entry_point
-from stages.stage_cli import stage_main
 from stages.runner import run_pipeline, run_stage, stage_config
+from stages.stage_cli import stage_main
 
 ROOT = Path(__file__).resolve().parent.parent
 CSV = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "."}}

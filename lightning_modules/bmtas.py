@@ -1,0 +1,209 @@
+"""The BMTAS search (``dymu.baselines.bmtas``): warm-up, then alternating architecture and weight updates on a
+fixed 20 / 80 split of the training data, the proxyless resource loss, a linear temperature schedule."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from dymu.anchor import batch_statistics
+from dymu.backbones.base import Backbone
+from dymu.baselines.bmtas import BmtasNet, reassigned_groups
+from dymu.checkpoint import META_KEY
+from lightning_modules.ltb import TreeSearchStage
+
+
+def bmtas_optimizer(params: Any) -> torch.optim.Optimizer:
+    """The weights' optimizer of the authors' search code: Adam, learning rate 1e-3, weight decay 1e-4."""
+    return torch.optim.Adam(params, lr=1e-3, weight_decay=1e-4)
+
+
+def split_indices(size: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A fixed random split of ``range(size)``: ``(1 - fraction)`` of the indices, then ``fraction`` of them."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the architecture split fraction must lie in (0, 1), got {fraction}")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = size - round(size * fraction)
+    return order[:cut], order[cut:]
+
+
+def linear_temperature(step: int, total_steps: int, warmup_steps: int, start: float = 5.0, end: float = 0.1) -> float:
+    """The paper's schedule: ``start`` until the search begins, then linear to ``end`` at ``total_steps``."""
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, max(0, step - warmup_steps) / span)
+    return start + (end - start) * progress
+
+
+class BmtasSearch(TreeSearchStage):
+    """BMTAS: per-task routings through the anchor's supergraph, searched with the resource loss.
+
+    Schedule (the paper's appendix A and the authors' code): the first ``warmup_steps`` weight steps train every
+    stream on its own task; after them, every training epoch starts with an architecture phase, a pass over the
+    architecture split (a fixed ``arch_fraction`` of the training set, seeded by ``seed``) updating only the
+    routing logits with ``sum_t w_t L_t / N + resource_weight * resource_loss`` (Adam ``arch_lr``, weight decay
+    ``arch_weight_decay``, its moments reset at every phase, BatchNorms of the streams on batch statistics);
+    then the weights train on the remaining training data (the trainer's batches) with the task loss alone,
+    their optimizer state and the streams' BatchNorm running statistics reset after each architecture phase
+    because the architecture changed. The Gumbel-softmax temperature falls linearly from ``temperature_start``
+    to ``temperature_end`` over the steps after the warm-up. One weight step per batch updates every task's
+    forward together (the paper steps after each task's).
+
+    The split: this module replaces the data module's ``train_dataloader`` by one over the weight split and keeps
+    a loader over the architecture split (``setup``); it needs a dymu data module (``dataset("train")``).
+
+    Args:
+        backbone, task_configs, input_shape, anchor_checkpoint, init: see ``LearnToBranchSearch``.
+        resource_weight: lambda; larger finds smaller trees (the paper's BMTAS-1/2/3 are three lambdas).
+        resource: ``"flops"`` or ``"params"`` (what the resource loss counts).
+        warmup_steps: weight steps of each stream on its own task before the search; default: none when the
+            streams come from an anchor (they are its single-task networks), 5 % of the steps from scratch (the
+            authors' code: a twentieth of the epochs).
+        temperature_start, temperature_end: the linear temperature schedule.
+        arch_fraction: the architecture split's share of the training set.
+        arch_lr, arch_weight_decay: the routing logits' Adam.
+        loss_scales: ``"config"`` or ``"anchor"`` (see ``BaselineStage``).
+        optimizer: the weights' optimizer factory (default: Adam 1e-3, weight decay 1e-4).
+        lr_scheduler: optional scheduler factory (stepped every weight step).
+        seed: seeds the architecture split.
+    """
+
+    stage_name = "bmtas"
+
+    def __init__(self, backbone: Backbone | None = None, task_configs: Sequence[dict[str, Any]] | None = None,
+                 input_shape: Sequence[int] | None = None, anchor_checkpoint: str | None = None,
+                 init: str = "anchor", resource_weight: float = 0.5, resource: str = "flops",
+                 warmup_steps: int | None = None, temperature_start: float = 5.0, temperature_end: float = 0.1,
+                 arch_fraction: float = 0.2, arch_lr: float = 0.01, arch_weight_decay: float = 5e-5,
+                 loss_scales: str = "config", optimizer: OptimizerCallable = bmtas_optimizer,
+                 lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0) -> None:
+        super().__init__(optimizer, lr_scheduler, seed, loss_scales, anchor_checkpoint)
+        self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "seed"])
+        if resource_weight < 0 or (warmup_steps is not None and warmup_steps < 0) or not (
+                temperature_start > 0 and temperature_end > 0) or arch_lr <= 0:
+            raise ValueError(f"need resource_weight >= 0, warmup_steps >= 0, positive temperatures and arch_lr > 0; "
+                             f"got {resource_weight}, {warmup_steps}, {temperature_start}, {temperature_end}, "
+                             f"{arch_lr}")
+        split_indices(10, arch_fraction, seed)  # a clear error for a bad fraction now
+        self.resource_weight, self.init = resource_weight, init
+        self.warmup_setting = warmup_steps
+        self.temperature_start, self.temperature_end = temperature_start, temperature_end
+        self.arch_fraction, self.arch_lr, self.arch_weight_decay = arch_fraction, arch_lr, arch_weight_decay
+        self.build_supergraph(BmtasNet, backbone, task_configs, input_shape, init, resource=resource)
+        self.model: BmtasNet  # type: ignore[assignment]
+        self.arch_loader: DataLoader | None = None
+        self.arch_optimizer: torch.optim.Optimizer | None = None
+        self._last_arch_epoch = -1
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.model.weight_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or self.arch_loader is not None:
+            return
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "dataset"):
+            raise ValueError("BMTAS splits the training set into weight and architecture parts: fit it with a "
+                             "dymu data module (one with dataset('train'))")
+        from datamodules.base import make_loader  # the loader every data module uses
+
+        data = datamodule.dataset("train")
+        weight_part, arch_part = split_indices(len(data), self.arch_fraction, self.seed)
+        if min(len(weight_part), len(arch_part)) < datamodule.batch_size:
+            raise ValueError(f"BMTAS's {1 - self.arch_fraction:.0%} / {self.arch_fraction:.0%} split of {len(data)} "
+                             f"training samples leaves a part smaller than batch_size ({datamodule.batch_size}); "
+                             "use more training data, a smaller batch or another arch_fraction")
+        self.arch_loader = make_loader(datamodule, Subset(data, arch_part), True, datamodule.collate)
+        weight_loader = make_loader(datamodule, Subset(data, weight_part), True, datamodule.collate)
+        datamodule.train_dataloader = lambda: weight_loader  # the trainer's batches: the weight split
+
+    def warmup_steps(self) -> int:
+        if self.warmup_setting is not None:
+            return self.warmup_setting
+        return 0 if self.init == "anchor" else int(self.total_steps()) // 20
+
+    def total_steps(self) -> int:
+        estimated = self.trainer.estimated_stepping_batches
+        if estimated == float("inf"):
+            raise ValueError("BMTAS's temperature schedule is tied to the step budget: set trainer.max_steps or "
+                             "max_epochs")
+        return int(estimated)
+
+    def temperature(self) -> float:
+        return linear_temperature(self.global_step, self.total_steps(), self.warmup_steps(),
+                                  self.temperature_start, self.temperature_end)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        warmup = self.warmup_steps()
+        if self.global_step < warmup:
+            loss, losses = self.task_objective(self.model.anchor(batch["image"]), batch)  # each stream its own task
+        else:
+            if self.current_epoch != self._last_arch_epoch:
+                self.architecture_phase()
+                self._last_arch_epoch = self.current_epoch
+            temperature = self.temperature()
+            loss, losses = self.task_objective(self.model.search_forward(batch["image"], temperature), batch)
+            self.log("train/temperature", temperature)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_task_losses("train", losses)
+        if self.logging_step():
+            self.log_distribution()
+        return loss
+
+    def architecture_phase(self) -> None:
+        """One pass over the architecture split updating the routing logits only (module docstring)."""
+        assert self.arch_loader is not None, "setup('fit') builds the architecture split"
+        logits = self.model.logits
+        self.arch_optimizer = torch.optim.Adam([logits], lr=self.arch_lr, weight_decay=self.arch_weight_decay)
+        temperature = self.temperature()
+        totals = []
+        with batch_statistics(self.model.anchor):
+            for batch in self.arch_loader:
+                batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                task_loss, _ = self.task_objective(self.model.search_forward(batch["image"], temperature), batch)
+                resource = self.model.resource_loss()
+                loss = task_loss + self.resource_weight * resource
+                # only the logits' gradient: the weights' gradients and DDP's hooks stay untouched
+                (grad,) = torch.autograd.grad(loss, [logits])
+                logits.grad = self.trainer.strategy.reduce(grad, reduce_op="mean")
+                self.arch_optimizer.step()
+                logits.grad = None
+                totals.append(torch.stack([loss.detach(), task_loss.detach(), resource.detach()]))
+        # the architecture changed: fresh weight-optimizer moments and BatchNorm statistics (appendix A)
+        for optimizer in self.trainer.optimizers:
+            optimizer.state = defaultdict(dict)
+        for module in self.model.anchor.streams.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+        if totals:
+            mean = torch.stack(totals).mean(dim=0)
+            self.log_dict({"arch/loss": mean[0], "arch/task_loss": mean[1], "arch/resource_loss": mean[2]})
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # the found tree (``found_architecture``)
+        routing = self.model.routing()
+        checkpoint[META_KEY]["bmtas"] = {"routing": routing, "reassigned_groups": reassigned_groups(routing)}
+
+    @torch.no_grad()
+    def log_distribution(self) -> None:
+        """Every task's candidate probabilities ``arch/layer{l}/task{t}/stream{s}``, the expected encoder cost over
+        N separate encoders, the number of used nodes of the found tree and of its groups moved off their
+        chosen candidate (``dymu.baselines.bmtas.reassigned_groups``)."""
+        probs = self.model.candidate_probabilities()
+        values: dict[str, Any] = {f"arch/layer{k}/task{t}/stream{s}": probs[k, t, s]
+                                  for k in range(probs.shape[0]) for t in range(probs.shape[1])
+                                  for s in range(probs.shape[2])}
+        if self.model.input_shape is not None:
+            values["arch/expected_cost_fraction"] = self.model.resource_loss()
+        values["arch/used_nodes"] = float(self.model.architecture().num_used_nodes())
+        values["arch/reassigned_groups"] = float(reassigned_groups(self.model.routing()))
+        self.log_dict(values)
