@@ -30,6 +30,27 @@ def test_edge_hypernet_shapes_and_dependence_on_the_preference():
     assert sum(p.numel() for p in net.parameters()) == expected
 
 
+def test_affine_c_conditioning_is_affine_in_c_and_starts_uniform():
+    torch.manual_seed(0)
+    net = EdgeHypernet(n_tasks=3, n_layers=4, c_conditioning="affine")
+    r = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.2, 0.2]])
+    assert torch.count_nonzero(net(r, torch.tensor([0.3, 0.9]))) == 0  # every parent equally likely at start
+    for p in net.parameters():
+        nn.init.normal_(p)
+    at0, at1 = net(r, torch.zeros(2)), net(r, torch.ones(2))
+    assert not torch.allclose(at0, at1)
+    c = torch.tensor([0.25, 0.7])
+    expected = at0 + c[:, None, None, None] * (at1 - at0)
+    torch.testing.assert_close(net(r, c), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net(r[1], c[1]), expected[1], rtol=1e-5, atol=1e-5)  # one preference
+    assert net.size_args["c_conditioning"] == "affine"
+    rebuilt = EdgeHypernet(3, 4, **net.size_args)
+    rebuilt.load_state_dict(net.state_dict())
+    torch.testing.assert_close(rebuilt(r, c), net(r, c))
+    with pytest.raises(ValueError, match="c_conditioning"):
+        EdgeHypernet(3, 4, c_conditioning="linear")
+
+
 def test_weight_hypernet_starts_at_zero_and_covers_every_batchnorm():
     bns = {"streams.0.0.1": 5, "streams.1.0.1": 7}
     net = WeightHypernet(n_tasks=2, batchnorms=bns)
