@@ -1,15 +1,23 @@
 """The evaluation protocol of METHOD.md in plain torch: loss vectors per preference, hypervolume,
-uniformity, and the inference cost over many preferences."""
+uniformity, and the inference cost over many preferences.
+
+The test losses of every evaluated configuration are accumulated in one pass over the data (``LossSums``):
+each ``Evaluated`` pair (a method and a preference) names the configuration that computes it (``key``), so
+pairs whose losses cannot differ (the same tree without adaptation) share one accumulator, and
+``configuration_forwards`` builds each configuration's forward once (trees, BatchNorm shifts, recalibrated
+trees). The sums are fixed-size, whatever the data set's size, and add up over DDP processes.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from dymu.anchor import recalibrate_batchnorm
 from dymu.metrics import hypervolume, hypervolume_method, mean_uniformity
@@ -19,15 +27,28 @@ from dymu.search_space import Architecture
 from dymu.tasks import Task, task_losses, task_scales
 
 Batch = dict[str, Tensor]
+Forward = Callable[[Tensor], dict[str, Tensor]]
+
+
+def batch_supports(tasks: Sequence[Task], batch: Batch, device: torch.device | str = "cpu") -> Tensor:
+    """``Task.support`` of every task on one batch (the valid pixels or labelled samples each batch loss
+    averages over), float64 ``(N,)`` on ``device``."""
+    return torch.tensor([float(t.support(batch[t.name])) for t in tasks], dtype=torch.float64, device=device)
+
+
+def batch_loss_sums(forward: Forward, batch: Batch, tasks: Sequence[Task], supports: Tensor) -> Tensor:
+    """One batch's unscaled losses weighted by their ``supports`` (``batch_supports``), float64 ``(N,)`` on
+    the supports' device: summed over batches and divided by the summed supports, the data set's mean."""
+    losses = task_losses(list(tasks), forward(batch["image"]), batch).double().to(supports.device)
+    return torch.where(supports > 0, losses * supports, 0.0)  # a loss over no valid target is undefined
 
 
 @torch.no_grad()
-def task_loss_sums(forward: Callable[[Tensor], dict[str, Tensor]], batches: Iterable[Batch],
-                   tasks: Sequence[Task], device: torch.device | str = "cpu", allow_empty: bool = False
-                   ) -> tuple[Tensor, Tensor]:
-    """Support-weighted sums of the unscaled batch losses and the supports (``Task.support``: the valid
-    pixels or labelled samples each batch loss averages over), float64 ``(N,)`` each; sums from several
-    processes add up to the whole data set's (one process's shard may be empty with ``allow_empty``)."""
+def task_loss_sums(forward: Forward, batches: Iterable[Batch], tasks: Sequence[Task],
+                   device: torch.device | str = "cpu", allow_empty: bool = False) -> tuple[Tensor, Tensor]:
+    """Support-weighted sums of the unscaled batch losses and the supports (``batch_loss_sums``), float64
+    ``(N,)`` each on the CPU; sums from several processes add up to the whole data set's (one process's
+    shard may be empty with ``allow_empty``)."""
     tasks = list(tasks)
     total = torch.zeros(len(tasks), dtype=torch.float64)
     support = torch.zeros(len(tasks), dtype=torch.float64)
@@ -35,9 +56,8 @@ def task_loss_sums(forward: Callable[[Tensor], dict[str, Tensor]], batches: Iter
     for batch in batches:
         num_batches += 1
         batch = {k: v.to(device) for k, v in batch.items()}
-        counts = torch.tensor([float(t.support(batch[t.name])) for t in tasks], dtype=torch.float64)
-        losses = task_losses(tasks, forward(batch["image"]), batch).double().cpu()
-        total += torch.where(counts > 0, losses * counts, 0.0)  # a loss over no valid target is undefined
+        counts = batch_supports(tasks, batch)
+        total += batch_loss_sums(forward, batch, tasks, counts)
         support += counts
     if num_batches == 0 and not allow_empty:
         raise ValueError("the evaluation data set is empty")
@@ -52,8 +72,8 @@ def losses_from_sums(total: Tensor, support: Tensor, tasks: Sequence[Task]) -> T
     return (total / support).float()
 
 
-def mean_task_losses(forward: Callable[[Tensor], dict[str, Tensor]], batches: Iterable[Batch],
-                     tasks: Sequence[Task], device: torch.device | str = "cpu") -> Tensor:
+def mean_task_losses(forward: Forward, batches: Iterable[Batch], tasks: Sequence[Task],
+                     device: torch.device | str = "cpu") -> Tensor:
     """Unscaled losses ``[L_t]`` over a data set: each batch loss weighted by its support, so the result is
     the data set's own mean."""
     return losses_from_sums(*task_loss_sums(forward, batches, tasks, device), tasks)
@@ -64,35 +84,122 @@ def scaled(losses: Tensor, tasks: Sequence[Task]) -> list[float]:
     return (losses * task_scales(list(tasks))).tolist()
 
 
-def preference_records(model: DynamicMultiTaskModel, prefs: Sequence[Preference], batches: Sequence[Batch],
-                       tasks: Sequence[Task], adapt: bool, device: torch.device | str = "cpu",
-                       recalibrate: Sequence[Tensor] | None = None) -> list[dict[str, Any]]:
-    """For each preference: its tree, cost and scaled test-loss vector. Without adaptation the losses
-    depend only on the tree, so each distinct tree is evaluated once. With ``recalibrate`` (training
-    images; no adaptation) each tree is specialised and its BatchNorm statistics re-estimated on them."""
-    cache: dict[Architecture, list[float]] = {}
-    calibration = None if recalibrate is None else [x.to(device) for x in recalibrate]
-    records = []
-    for pref in tqdm(prefs, desc=f"evaluate (c={prefs[0].c:g}, adaptation={adapt})", leave=False):
-        arch = model.architecture(pref)
-        if calibration is not None:
-            if arch not in cache:
-                tree = recalibrate_batchnorm(model.anchor.specialize(arch), calibration)
-                cache[arch] = scaled(mean_task_losses(tree, batches, tasks, device), tasks)
-            losses = cache[arch]
-        elif adapt and model.weight_hypernet is not None:
-            deltas = model.bn_deltas(pref)
-            losses = scaled(mean_task_losses(
-                lambda x, a=arch, d=deltas: model.run_tree(x, a, d), batches, tasks,
-                device), tasks)
+@dataclass(frozen=True)
+class Variant:
+    """One method of the protocol's records: its ``method`` name and whether the BatchNorms are adapted."""
+
+    method: str
+    adaptation: bool
+
+
+ANCHOR = Variant("single-task anchor", False)
+"""The N single-task networks (every preference gets the anchor's tree)."""
+TREE = Variant("dymu", False)
+"""The preference's tree on the anchor's BatchNorms."""
+ADAPTED = Variant("dymu", True)
+"""The preference's tree with the weight hypernet's BatchNorm shifts."""
+RECALIBRATED = Variant("dymu, recalibrated BN", False)
+"""The preference's tree with its BatchNorm statistics re-estimated on a few training batches."""
+
+
+def protocol_variants(model: DynamicMultiTaskModel, recalibrate: bool) -> list[Variant]:
+    """The methods scored at each ``c``, in record order: the anchor, dymu without adaptation, with it (when
+    the model has a weight hypernet) and with recalibrated BatchNorm statistics (when asked)."""
+    adapted = [ADAPTED] if model.weight_hypernet is not None else []
+    return [ANCHOR, TREE, *adapted, *([RECALIBRATED] if recalibrate else [])]
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """One preference scored by one method, with the tree it runs (``model.architecture``; the anchor's
+    for ``ANCHOR``)."""
+
+    variant: Variant
+    preference: Preference
+    architecture: Architecture
+
+    @classmethod
+    def create(cls, model: DynamicMultiTaskModel, variant: Variant, preference: Preference) -> Evaluated:
+        arch = (Architecture.anchor(model.n_tasks, model.anchor.n_layers) if variant == ANCHOR
+                else model.architecture(preference))
+        return cls(variant, preference, arch)
+
+    @property
+    def key(self) -> Hashable:
+        """The configuration whose losses these are: without adaptation they depend only on the tree (the
+        anchor is the tree of N separate streams), with adaptation on the preference."""
+        if self.variant == ADAPTED:
+            return ("adapted", self.preference)
+        if self.variant == RECALIBRATED:
+            return ("recalibrated", self.architecture)
+        return ("tree", self.architecture)
+
+
+@torch.no_grad()
+def configuration_forwards(model: DynamicMultiTaskModel, evaluated: Iterable[Evaluated],
+                           calibration: Sequence[Tensor] | None = None) -> dict[Hashable, Forward]:
+    """One forward per distinct configuration of ``evaluated``, built once: the tree on the anchor, the tree
+    with the preference's BatchNorm shifts (computed here), or the specialised tree with its BatchNorm
+    statistics re-estimated on ``calibration`` (training images, needed for ``RECALIBRATED``)."""
+    forwards: dict[Hashable, Forward] = {}
+    for item in evaluated:
+        if item.key in forwards:
+            continue
+        if item.variant == ADAPTED:
+            forwards[item.key] = partial(model.run_tree, architecture=item.architecture,
+                                         bn_deltas=model.bn_deltas(item.preference))
+        elif item.variant == RECALIBRATED:
+            if not calibration:
+                raise ValueError("the recalibrated-BatchNorm evaluation needs calibration images: pass "
+                                 "recalibrate_batches > 0")
+            forwards[item.key] = recalibrate_batchnorm(model.anchor.specialize(item.architecture), calibration)
         else:
-            if arch not in cache:
-                cache[arch] = scaled(mean_task_losses(
-                    lambda x, a=arch: model.anchor(x, architecture=a), batches, tasks, device), tasks)
-            losses = cache[arch]
-        records.append({"r": list(pref.r), "c": pref.c, "architecture": arch.to_list(),
-                        "losses": losses, **model.node_costs().cost(arch)})
-    return records
+            forwards[item.key] = partial(model.anchor, architecture=item.architecture)
+    return forwards
+
+
+class LossSums:
+    """Support-weighted loss sums of several configurations over a stream of batches: ``total`` ``(K, N)``
+    and ``support`` ``(N,)`` float64, ``samples`` int64, fixed-size whatever the number of batches; sums of
+    disjoint shards (DDP processes) add up to the whole data set's.
+
+    Args:
+        forwards: configuration key -> forward (``configuration_forwards``).
+        tasks: the N tasks whose losses are summed.
+        device: where the sums live (the batches' device).
+    """
+
+    def __init__(self, forwards: Mapping[Hashable, Forward], tasks: Sequence[Task],
+                 device: torch.device | str = "cpu") -> None:
+        self.forwards, self.tasks = dict(forwards), list(tasks)
+        self.total = torch.zeros(len(self.forwards), len(self.tasks), dtype=torch.float64, device=device)
+        self.support = torch.zeros(len(self.tasks), dtype=torch.float64, device=device)
+        self.samples = torch.zeros((), dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, batch: Batch) -> None:
+        """Add one batch (already on the sums' device) through every configuration."""
+        supports = batch_supports(self.tasks, batch, self.support.device)
+        for i, forward in enumerate(self.forwards.values()):
+            self.total[i] += batch_loss_sums(forward, batch, self.tasks, supports)
+        self.support += supports
+        self.samples += batch["image"].shape[0]
+
+    def losses(self, total: Tensor | None = None, support: Tensor | None = None) -> dict[Hashable, Tensor]:
+        """Unscaled mean losses ``[L_t]`` per configuration key, from these sums or from ``total`` and
+        ``support`` of the same shape (e.g. these summed over processes)."""
+        total = (self.total if total is None else total).cpu()
+        support = (self.support if support is None else support).cpu()
+        return {key: losses_from_sums(total[i], support, self.tasks) for i, key in enumerate(self.forwards)}
+
+
+def preference_records(model: DynamicMultiTaskModel, evaluated: Sequence[Evaluated],
+                       losses: Mapping[Hashable, Sequence[float]]) -> list[dict[str, Any]]:
+    """For each evaluated preference: ``r``, ``c``, its tree, its scaled test-loss vector (``losses`` by
+    configuration key) and the tree's cost."""
+    return [{"r": list(item.preference.r), "c": item.preference.c, "architecture": item.architecture.to_list(),
+             "losses": list(losses[item.key]), **model.node_costs().cost(item.architecture)}
+            for item in evaluated]
 
 
 def front_summary(records: Sequence[dict[str, Any]], reference_point: Sequence[float]) -> dict[str, Any]:

@@ -2,66 +2,75 @@
 
 Writes ``<run_dir>/evaluation/metrics.json`` (one record per method, adaptation and c, with the
 per-preference loss vectors and trees), ``report.md`` and its figures (``stages.plots``): resource usage over
-the task simplex and marginal controllability.
+the task simplex and marginal controllability. The test set is streamed once through every evaluated
+configuration in a Lightning test loop (``lightning_modules.evaluation``), on the CPU or GPUs, DDP-aware.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch import Trainer
 
 from dymu.evaluation import (
+    ANCHOR,
+    Evaluated,
     controllability_grid,
     cost_summary,
     front_summary,
-    mean_task_losses,
     preference_records,
+    protocol_variants,
     scaled,
 )
 from dymu.model import DynamicMultiTaskModel
 from dymu.preference import Preference, cost_preferences, evaluation_preferences
 from dymu.search_space import Architecture
+from lightning_modules.evaluation import ProtocolEvaluation
 from stages.common import build_data, read_yaml
+from stages.layout import RunLayout
 from stages.plots import write_plots
 
 
-def test_batches(data_config: dict[str, Any], max_batches: int | None) -> tuple[list[dict], list]:
-    data = build_data(data_config)
-    data.setup("test")
-    batches = []
-    for i, batch in enumerate(data.test_dataloader()):
-        if max_batches is not None and i >= max_batches:
-            break
-        batches.append(batch)
-    return batches, data.tasks
-
-
-def training_images(data_config: dict[str, Any], num_batches: int) -> list[torch.Tensor]:
-    """The images of the first ``num_batches`` training batches (for BatchNorm recalibration)."""
+def training_images(data_config: dict[str, Any], num_batches: int, seed: int = 0) -> list[torch.Tensor]:
+    """The images of the first ``num_batches`` training batches (for BatchNorm recalibration), shuffled by
+    ``seed``: the same images on every call and every DDP process."""
     data = build_data(data_config)
     data.setup("fit")
-    images = []
-    for batch in data.train_dataloader():
-        images.append(batch["image"])
-        if len(images) >= num_batches:
-            break
+    images: list[torch.Tensor] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for batch in data.train_dataloader():
+            images.append(batch["image"])
+            if len(images) >= num_batches:
+                break
     return images
 
 
-def run_data_config(run_dir: Path) -> dict[str, Any]:
+def run_data_config(run_dir: str | Path) -> dict[str, Any]:
     """The data config of a run: its pipeline config's (``dymu run``, sweep trials), else the anchor stage's."""
-    for name in ("pipeline.yaml", "anchor.yaml"):
-        path = run_dir / "configs" / name
+    layout = RunLayout(run_dir)
+    for path in (layout.pipeline_config, layout.stage_config("anchor")):
         if path.is_file():
             return read_yaml(path)["data"]
-    raise FileNotFoundError(f"{run_dir} holds no configs/pipeline.yaml or configs/anchor.yaml: is it a run "
-                            "directory written by `dymu run`?")
+    raise FileNotFoundError(f"{run_dir} holds neither {layout.pipeline_config} nor {layout.stage_config('anchor')}: "
+                            "pass a run directory written by `dymu run`")
+
+
+def check_run(run_dir: str | Path) -> Path:
+    """The checkpoint of the run's controllable model; a one-line error when ``run_dir`` is not a finished run."""
+    layout = RunLayout(run_dir)
+    if not layout.root.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist: pass the folder that `dymu run` wrote")
+    if not layout.is_run():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no {layout.pipeline_config} or stage config "
+                                "in it): pass the folder that `dymu run` wrote")
+    return layout.model_checkpoint()
 
 
 def with_hypervolume_ratios(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -70,7 +79,7 @@ def with_hypervolume_ratios(records: Sequence[dict[str, Any]]) -> list[dict[str,
 
     The ratio is None where no anchor record has that ``c`` or the anchor's hypervolume is 0.
     """
-    anchor_hv = {rec["c"]: rec["hypervolume"] for rec in records if rec["method"] == "single-task anchor"}
+    anchor_hv = {rec["c"]: rec["hypervolume"] for rec in records if rec["method"] == ANCHOR.method}
     out = []
     for rec in records:
         base = anchor_hv.get(rec["c"])
@@ -86,56 +95,101 @@ def with_hypervolume_ratios(records: Sequence[dict[str, Any]]) -> list[dict[str,
     return out
 
 
+def trainer_device(device: str, devices: int) -> dict[str, Any]:
+    """The Trainer's ``accelerator``, ``devices`` and ``strategy`` for ``--device`` and ``--devices``."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r} is not a torch device: use cpu, cuda or cuda:<index>") from err
+    if devices < 1:
+        raise ValueError(f"devices must be at least 1, got {devices}")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: the evaluation runs on cpu or cuda")
+    if dev.index is not None and devices > 1:
+        raise ValueError(f"device {device!r} names one GPU but devices={devices}: pass --device cuda")
+    return {"accelerator": "gpu" if dev.type == "cuda" else "cpu",
+            "devices": [dev.index] if dev.index is not None else devices,
+            "strategy": "ddp" if devices > 1 else "auto"}
+
+
+def stream_test_losses(model: DynamicMultiTaskModel, data_config: dict[str, Any], evaluated: Sequence[Evaluated],
+                       calibration: Sequence[torch.Tensor] | None, max_batches: int | None, device: str,
+                       devices: int, root: Path) -> tuple[dict[Hashable, list[float]], int, bool]:
+    """Run the test loop (``ProtocolEvaluation``) over the run's test split: the scaled test losses per
+    configuration key, the number of test samples, and whether this is the main process (under DDP)."""
+    data = build_data(data_config)
+    tasks = data.tasks
+    module = ProtocolEvaluation(model, tasks, evaluated, calibration)
+    trainer = Trainer(**trainer_device(device, devices), logger=False, enable_checkpointing=False,
+                      enable_model_summary=False, default_root_dir=root,
+                      limit_test_batches=max_batches)
+    trainer.test(module, datamodule=data, verbose=False)
+    if module.losses is None:
+        raise ValueError("the test loop saw no batch: the run's test split is empty")
+    return ({key: scaled(value, tasks) for key, value in module.losses.items()}, module.num_samples,
+            trainer.is_global_zero)
+
+
 def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_preferences: int = 1000,
                  seed: int = 0, reference_point: Sequence[float] | None = None,
-                 max_batches: int | None = None, device: str = "cpu", recalibrate_batches: int = 0
-                 ) -> dict[str, Any]:
+                 max_batches: int | None = None, device: str = "cpu", recalibrate_batches: int = 0,
+                 devices: int = 1) -> dict[str, Any]:
     """Evaluate a run directory and write ``evaluation/metrics.json``, ``evaluation/report.md`` and the
     report's figures (``evaluation/resource_usage.png``, ``evaluation/marginal_controllability.png``).
 
+    The test set is streamed once (a Lightning test loop) through every evaluated configuration; memory does
+    not grow with its size.
+
     Args:
-        run_dir: holds ``configs/anchor.yaml`` (its data section) and the stage checkpoints.
+        run_dir: a run directory with a finished edge or weight stage and its data config.
         num_preferences: preferences ``r ~ Dirichlet(1)`` per ``c`` in {0, 1} for hypervolume/uniformity.
         num_cost_preferences: preferences ``(r, c)`` over which the inference cost is averaged.
-        seed: seed of both preference sets.
+        seed: seed of both preference sets and of the recalibration batches.
         reference_point: hypervolume reference (scaled losses); default: twice the single-task anchor's
             scaled test losses (stated in the report).
-        max_batches: evaluate on at most this many test batches (default: the whole test split).
+        max_batches: evaluate on at most this many test batches (per process; default: the whole split).
+        device: ``cpu``, ``cuda`` or ``cuda:<index>`` (the Trainer's accelerator).
         recalibrate_batches: if > 0, add the method "dymu, recalibrated BN": each tree without adaptation,
             its BatchNorm statistics re-estimated on this many training batches.
-    """
-    run_dir = Path(run_dir)
-    model = DynamicMultiTaskModel.from_run(run_dir).to(device)
-    batches, tasks = test_batches(run_data_config(run_dir), max_batches)
-    n = model.n_tasks
+        devices: processes (DDP when > 1); each tests its own shard and the sums are added.
 
-    anchor_losses = scaled(mean_task_losses(model.anchor, batches, tasks, device), tasks)
+    Returns:
+        The result written to ``metrics.json`` (on the main process; other DDP processes get ``{}`` and write
+        nothing).
+    """
+    checkpoint = check_run(run_dir)
+    layout = RunLayout(run_dir)
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be at least 1 (or omitted for the whole test split), got {max_batches}")
+    model = DynamicMultiTaskModel.from_checkpoint(checkpoint)
+    data_config = run_data_config(run_dir)
+    n = model.n_tasks
+    if reference_point is not None and len(reference_point) != n:
+        raise ValueError(f"reference_point has {len(reference_point)} entries, the model has {n} tasks")
+
+    variants = protocol_variants(model, recalibrate=recalibrate_batches > 0)
+    evaluated = {(c, variant): [Evaluated.create(model, variant, p)
+                                for p in evaluation_preferences(n, num_preferences, c=c, seed=seed)]
+                 for c in (0.0, 1.0) for variant in variants}
+    calibration = training_images(data_config, recalibrate_batches, seed) if recalibrate_batches > 0 else None
+    losses, num_samples, main_process = stream_test_losses(
+        model, data_config, [item for items in evaluated.values() for item in items], calibration, max_batches,
+        device, devices, layout.evaluation_dir)
+    if not main_process:
+        return {}
+
+    anchor_arch = Architecture.anchor(n, model.anchor.n_layers)
+    anchor_losses = list(losses[evaluated[(0.0, ANCHOR)][0].key])
     ref_source = "configured"
     if reference_point is None:
         reference_point, ref_source = [2.0 * v for v in anchor_losses], "2 x single-task anchor losses"
-    if len(reference_point) != n:
-        raise ValueError(f"reference_point has {len(reference_point)} entries, the model has {n} tasks")
-
-    anchor_cost = model.node_costs().cost(Architecture.anchor(n, model.anchor.n_layers))
     records: list[dict[str, Any]] = []
-    for c in (0.0, 1.0):
-        prefs = evaluation_preferences(n, num_preferences, c=c, seed=seed)
-        anchor_recs = [{"r": list(p.r), "c": c, "architecture": Architecture.anchor(n, model.anchor.n_layers)
-                        .to_list(), "losses": anchor_losses, **anchor_cost} for p in prefs]
-        records.append({"method": "single-task anchor", "adaptation": False, "c": c,
-                        **front_summary(anchor_recs, reference_point), "preferences": anchor_recs})
-        for adapt in ([False, True] if model.weight_hypernet is not None else [False]):
-            recs = preference_records(model, prefs, batches, tasks, adapt=adapt, device=device)
-            records.append({"method": "dymu", "adaptation": adapt, "c": c,
-                            **front_summary(recs, reference_point), "preferences": recs})
-        if recalibrate_batches > 0:
-            if c == 0.0:
-                calibration = training_images(run_data_config(run_dir), recalibrate_batches)
-            recs = preference_records(model, prefs, batches, tasks, adapt=False, device=device,
-                                      recalibrate=calibration)
-            records.append({"method": "dymu, recalibrated BN", "adaptation": False, "c": c,
-                            **front_summary(recs, reference_point), "preferences": recs})
+    for (c, variant), items in evaluated.items():
+        recs = preference_records(model, items, losses)
+        records.append({"method": variant.method, "adaptation": variant.adaptation, "c": c,
+                        **front_summary(recs, reference_point), "preferences": recs})
 
+    anchor_cost = model.node_costs().cost(anchor_arch)
     cost_prefs = cost_preferences(n, num_cost_preferences, seed=seed)
     max_r = np.array([max(p.r) for p in cost_prefs])
     groups = {"": cost_prefs, "focused (max r >= 0.9)": [p for p, m in zip(cost_prefs, max_r) if m >= 0.9],
@@ -149,7 +203,7 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
         "tasks": model.tasks,
         "reference_point": list(reference_point),
         "reference_point_source": ref_source,
-        "num_test_samples": sum(int(b["image"].shape[0]) for b in batches),
+        "num_test_samples": num_samples,
         "anchor": {"params": anchor_cost["params"], "gflops": anchor_cost["flops"] / 1e9,
                    "losses": anchor_losses},
         "control_params": model.control_parameters(),
@@ -157,11 +211,10 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
         "controllability": controllability_grid(model),
         "records": with_hypervolume_ratios(records),
     }
-    out_dir = run_dir / "evaluation"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    result["plots"] = write_plots(model, result, out_dir)
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=1))
-    (out_dir / "report.md").write_text(render_report(result))
+    layout.evaluation_dir.mkdir(parents=True, exist_ok=True)
+    result["plots"] = write_plots(model, result, layout.evaluation_dir)
+    layout.metrics.write_text(json.dumps(result, indent=1))
+    layout.report.write_text(render_report(result))
     print(render_report(result))
     return result
 
@@ -228,13 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_preferences", type=int, default=None, help="default 20")
     parser.add_argument("--num_cost_preferences", type=int, default=None, help="default 1000")
     parser.add_argument("--seed", type=int, default=None, help="default 0")
-    parser.add_argument("--max_batches", type=int, default=None, help="default: the whole test split")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max_batches", type=int, default=None,
+                        help="default: the whole test split (per process under DDP)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:<index> (default: cuda if available)")
+    parser.add_argument("--devices", type=int, default=None, help="processes, DDP when > 1 (default 1)")
     parser.add_argument("--recalibrate_batches", type=int, default=None,
                         help="also evaluate each tree with BatchNorm statistics re-estimated on K training batches")
     args = parser.parse_args(argv)
-    pipeline = Path(args.run_dir) / "configs" / "pipeline.yaml"
+    pipeline = RunLayout(args.run_dir).pipeline_config
     options = (read_yaml(pipeline).get("evaluate") or {}) if pipeline.is_file() else {}
+    options.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
     options.update({k: v for k, v in vars(args).items() if k != "run_dir" and v is not None})
     evaluate_run(args.run_dir, **options)
     return 0

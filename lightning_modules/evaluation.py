@@ -1,0 +1,69 @@
+"""The evaluation protocol's test loop: one pass over the test set scores every configuration at once."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from dymu.evaluation import Evaluated, LossSums, configuration_forwards
+from dymu.model import DynamicMultiTaskModel
+from dymu.tasks import Task
+
+
+class ProtocolEvaluation(L.LightningModule):
+    """Streams the test set once through every configuration that ``evaluated`` names (the anchor, each
+    distinct tree, each preference's adapted tree, each recalibrated tree) and keeps only their
+    support-weighted loss sums (``dymu.evaluation.LossSums``): memory does not grow with the test set.
+
+    The forwards are built once, on the device, when the test loop starts (BatchNorm shifts per preference,
+    recalibrated trees per architecture). Under DDP each process sees its own unrepeated shard (the data
+    modules' ``make_loader``) and the sums are added over processes at the end, so every sample counts once;
+    with BatchNorm batch statistics (``bn_statistics: batch``) the adapted losses depend on how the samples
+    are batched, so they differ between process counts as they differ between batch sizes.
+
+    After ``Trainer.test``: ``losses`` (configuration key -> unscaled mean losses ``[L_t]``, CPU) and
+    ``num_samples`` (over all processes).
+
+    Args:
+        model: the controllable model.
+        tasks: the tasks whose losses are measured (the data module's, with its loss scales).
+        evaluated: every (method, preference) pair to score.
+        calibration: training images for the recalibrated-BatchNorm trees (needed when ``evaluated`` has them).
+    """
+
+    def __init__(self, model: DynamicMultiTaskModel, tasks: Sequence[Task], evaluated: Sequence[Evaluated],
+                 calibration: Sequence[Tensor] | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.tasks = list(tasks)
+        self.evaluated = list(evaluated)
+        self.calibration = list(calibration) if calibration else None
+        self.sums: LossSums | None = None
+        self.losses: dict[Hashable, Tensor] | None = None
+        self.num_samples = 0
+
+    def on_test_start(self) -> None:
+        # Built outside inference mode: the specialised trees are ordinary modules (parameters can be copied
+        # and BatchNorm statistics re-estimated), used afterwards under the loop's inference mode.
+        with torch.inference_mode(False), torch.no_grad():
+            calibration = [x.to(self.device) for x in self.calibration] if self.calibration else None
+            forwards = configuration_forwards(self.model, self.evaluated, calibration)
+        self.sums = LossSums(forwards, self.tasks, self.device)
+        self.losses, self.num_samples = None, 0
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        assert self.sums is not None
+        self.sums.update(batch)
+
+    def on_test_epoch_end(self) -> None:
+        assert self.sums is not None
+        reduce = self.trainer.strategy.reduce
+        total = reduce(self.sums.total, reduce_op="sum")
+        support = reduce(self.sums.support, reduce_op="sum")
+        samples = reduce(self.sums.samples, reduce_op="sum")
+        self.losses = self.sums.losses(total, support)
+        self.num_samples = int(samples)
+        self.sums = None  # the forwards hold the specialised trees
