@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "affinity": ("stages.affinity:main", "--config C.yaml --anchor_checkpoint A --out_dir D",
                  "the RSA affinity the edge stage reads"),
     "evaluate": ("stages.evaluate:main", "--run_dir D", "the evaluation protocol: metrics.json, report.md, plots"),
+    "compare": ("stages.compare:main", "--run_dir D [--methods phn phn_bn static] [--set KEY=VALUE]",
+                "train the missing baselines, score them with the protocol: D/compare/ (tables 1-4, figure 6)"),
     "sweep": ("stages.sweep:sweep_main", "--sweep S.yaml --run_dir D [--trials K] [--config P.yaml]",
               "a local sweep of the hypernet stages over D's anchor (D/sweeps/)"),
     "trial": ("stages.sweep:trial_main", "--run_dir D --KEY=VALUE ...",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ from dymu.evaluation import (
 from dymu.model import DynamicMultiTaskModel
 from dymu.preference import Preference, cost_preferences, evaluation_preferences
 from dymu.search_space import Architecture
-from lightning_modules.evaluation import ProtocolEvaluation
+from dymu.tasks import Task
+from lightning_modules.evaluation import ProtocolEvaluation, StreamedLosses
 from stages.common import build_data, read_yaml
 from stages.layout import RunLayout
 from stages.plots import write_plots
@@ -112,14 +113,15 @@ def trainer_device(device: str, devices: int) -> dict[str, Any]:
             "strategy": "ddp" if devices > 1 else "auto"}
 
 
-def stream_test_losses(model: DynamicMultiTaskModel, data_config: dict[str, Any], evaluated: Sequence[Evaluated],
-                       calibration: Sequence[torch.Tensor] | None, max_batches: int | None, device: str,
-                       devices: int, root: Path) -> tuple[dict[Hashable, list[float]], int, bool]:
-    """Run the test loop (``ProtocolEvaluation``) over the run's test split: the scaled test losses per
-    configuration key, the number of test samples, and whether this is the main process (under DDP)."""
+def stream_test_losses(module_factory: Callable[[Sequence[Task]], StreamedLosses], data_config: dict[str, Any],
+                       max_batches: int | None, device: str, devices: int, root: Path
+                       ) -> tuple[dict[Hashable, list[float]], int, bool]:
+    """Run a test loop (``module_factory(tasks)``, e.g. ``ProtocolEvaluation``) over the run's test split: the
+    scaled test losses per configuration key, the number of test samples, and whether this is the main
+    process (under DDP)."""
     data = build_data(data_config)
     tasks = data.tasks
-    module = ProtocolEvaluation(model, tasks, evaluated, calibration)
+    module = module_factory(tasks)
     trainer = Trainer(**trainer_device(device, devices), logger=False, enable_checkpointing=False,
                       enable_model_summary=False, default_root_dir=root,
                       limit_test_batches=max_batches)
@@ -172,9 +174,10 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
                                 for p in evaluation_preferences(n, num_preferences, c=c, seed=seed)]
                  for c in (0.0, 1.0) for variant in variants}
     calibration = training_images(data_config, recalibrate_batches, seed) if recalibrate_batches > 0 else None
+    items = [item for group in evaluated.values() for item in group]
     losses, num_samples, main_process = stream_test_losses(
-        model, data_config, [item for items in evaluated.values() for item in items], calibration, max_batches,
-        device, devices, layout.evaluation_dir)
+        lambda tasks: ProtocolEvaluation(model, tasks, items, calibration), data_config, max_batches, device,
+        devices, layout.evaluation_dir)
     if not main_process:
         return {}
 

@@ -39,6 +39,7 @@ SWEEPS = "sweeps"
 TRIAL_RESULT = "trial.json"
 SWEEP_SUMMARY = "summary"  # summary.csv, summary.md; summary_<sweep name>.* kept per sweep file
 COMPARE = "compare"
+TRAINING_EFFICIENCY_PLOT = "training_efficiency.png"
 RUN_DIR_MARK = "${run_dir}"
 _STEP = re.compile(r"step=(\d+)\.ckpt$")
 
@@ -125,6 +126,19 @@ class RunLayout:
     @property
     def compare_dir(self) -> Path:
         return self.root / COMPARE
+
+    @property
+    def compare_metrics(self) -> Path:
+        return self.compare_dir / METRICS
+
+    @property
+    def compare_report(self) -> Path:
+        return self.compare_dir / REPORT
+
+    @property
+    def compare_plot(self) -> Path:
+        """Figure 6: hypervolume against training time."""
+        return self.compare_dir / TRAINING_EFFICIENCY_PLOT
 
     # whole-run questions
     def is_run(self) -> bool:

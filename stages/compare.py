@@ -1,0 +1,334 @@
+"""``dymu compare --run_dir D``: the paper's comparison (its tables 1-4 and figure 6) on one run.
+
+Trains the baselines that ``D`` lacks (PHN, PHN-BN with its shared parent, K static multi-task networks; the
+stage table's ``phn``, ``shared_mtl``, ``phn_bn`` and ``static`` stages, on D's data, backbone and seed, with
+the pipeline config's sections for them), evaluates them with the protocol of ``dymu evaluate`` (the same
+preferences, reference point and streaming test loop), and writes ``D/compare/``: ``metrics.json``,
+``report.md`` with the table in the paper's layout, and figure 6 (hypervolume against training wall-clock
+time: ours against random subsets of the K static networks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+from collections.abc import Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dymu.anchor import count_parameters
+from dymu.baselines.base import BaselineModel, load_baseline
+from dymu.evaluation import front_summary
+from dymu.metrics import hypervolume, hypervolume_method
+from dymu.model import DynamicMultiTaskModel
+from dymu.preference import Preference, evaluation_preferences
+from lightning_modules.evaluation import ModulesEvaluation
+from stages.common import read_yaml
+from stages.graph import STAGES
+from stages.layout import RunLayout
+
+BASELINES = ("phn", "phn_bn", "static")
+"""The compared methods' stages (``phn_bn`` brings its parent ``shared_mtl``)."""
+SUBSETS = 20
+"""Random subsets of the static networks per subset size in figure 6."""
+
+
+def front_hypervolume(points: Sequence[Sequence[float]], reference_point: Sequence[float]) -> float:
+    """The hypervolume of a set of scaled loss vectors (the protocol's algorithm choice)."""
+    arr = np.asarray(points, dtype=float)
+    return hypervolume(arr, np.asarray(reference_point, dtype=float),
+                       method=hypervolume_method(len(arr), arr.shape[1]))
+
+
+def static_subset_curve(losses: Sequence[Sequence[float]], seconds: Sequence[float | None],
+                        reference_point: Sequence[float], subsets: int = SUBSETS, seed: int = 0
+                        ) -> list[dict[str, Any]]:
+    """Figure 6's static curve: for each subset size k of the K static networks, the hypervolume of the
+    subset's loss vectors and its training time (sum of its networks'), as mean and standard deviation over
+    ``subsets`` random subsets (every subset when there are at most that many).
+
+    Returns:
+        One entry per k: ``k``, ``subsets`` (how many were drawn), ``hv_mean``, ``hv_std``, ``seconds_mean``
+        (None when a network's training time is unknown).
+    """
+    k_total = len(losses)
+    if k_total != len(seconds):
+        raise ValueError(f"{k_total} loss vectors but {len(seconds)} training times")
+    rng = np.random.default_rng(seed)
+    curve = []
+    for k in range(1, k_total + 1):
+        if math.comb(k_total, k) <= subsets:
+            picks = [list(c) for c in itertools.combinations(range(k_total), k)]
+        else:
+            picks = [sorted(rng.choice(k_total, size=k, replace=False).tolist()) for _ in range(subsets)]
+        hvs = [front_hypervolume([losses[i] for i in pick], reference_point) for pick in picks]
+        times = [None if any(seconds[i] is None for i in pick) else float(sum(seconds[i] for i in pick))
+                 for pick in picks]
+        known = [t for t in times if t is not None]
+        curve.append({"k": k, "subsets": len(picks), "hv_mean": float(np.mean(hvs)), "hv_std": float(np.std(hvs)),
+                      "seconds_mean": float(np.mean(known)) if len(known) == len(times) else None})
+    return curve
+
+
+def stage_seconds(layout: RunLayout, folders: Sequence[str]) -> float | None:
+    """Training wall-clock seconds of the stages in ``folders`` (from their final checkpoints); None when one
+    does not record it (trained before the time was recorded)."""
+    from stages.stage_cli import train_seconds
+
+    total = 0.0
+    for folder in folders:
+        value = train_seconds(torch.load(layout.final(folder), map_location="cpu", weights_only=True))
+        if value is None:
+            return None
+        total += value
+    return total
+
+
+def check_baseline_sections(config: dict[str, Any], methods: Sequence[str]) -> None:
+    """The pipeline config must say how long to train each baseline (Lightning's default is 1000 epochs)."""
+    needed = [s for m in methods for s in ([*STAGES[m].parents, m]) if STAGES[s].trained and not STAGES[s].in_pipeline]
+    missing = [s for s in dict.fromkeys(needed) if not ((config.get(s) or {}).get("trainer") or {})]
+    if missing:
+        raise ValueError(f"the run's pipeline config has no trainer settings for the baseline stages {missing}: take "
+                         "them from a config with --baselines_from configs/quickstart.yaml, or set them with --set "
+                         f"'{missing[0]}.trainer={{max_steps: 500, accelerator: cpu, devices: 1}}'")
+
+
+class BoundPreference(nn.Module):
+    """A preference-conditioned baseline fixed at one preference: ``forward(x) = model(x, r)``."""
+
+    def __init__(self, model: BaselineModel, r: Sequence[float]) -> None:
+        super().__init__()
+        self.model, self.r = model, list(r)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model(x, self.r)
+
+
+def preference_network(model: BaselineModel, r: Sequence[float]) -> nn.Module:
+    """The network a baseline runs for ``r``: PHN's generated network is materialised once; others are bound."""
+    materialize = getattr(model, "materialize", None)
+    return materialize(list(r)) if materialize is not None else BoundPreference(model, r)
+
+
+def baseline_networks(layout: RunLayout, config: dict[str, Any], methods: Sequence[str],
+                      prefs: Sequence[Preference]) -> tuple[dict[Hashable, nn.Module], dict[str, dict[str, Any]]]:
+    """Every network the comparison scores, keyed ``(method, k)``, and per method its preferences, costs,
+    control parameters and training time. PHN and PHN-BN run each of ``prefs``; static network k runs the
+    preference it was trained for."""
+    networks: dict[Hashable, nn.Module] = {}
+    info: dict[str, dict[str, Any]] = {}
+    with torch.no_grad():
+        for method in methods:
+            if method == "static":
+                folders = [folder for folder, _ in STAGES["static"].instances(config)]
+                models = [load_baseline(layout.final(f)) for f in folders]
+                rs = [list(m.trained_preference.r) for m in models]  # type: ignore[attr-defined]
+                for k, m in enumerate(models):
+                    networks[(method, k)] = m.inference_network()
+                seconds = [stage_seconds(layout, [f]) for f in folders]
+                info[method] = {"r": rs, "cost": models[0].cost(), "control_params": 0,
+                                "stored_params": sum(count_parameters(m) for m in models), "seconds": seconds,
+                                "train_seconds": None if None in seconds else float(sum(seconds))}  # type: ignore
+                continue
+            model = load_baseline(layout.final(method))
+            for k, p in enumerate(prefs):
+                networks[(method, k)] = preference_network(model, p.r)
+            folders = [*(["shared_mtl"] if method == "phn_bn" else []), method]
+            info[method] = {"r": [list(p.r) for p in prefs], "cost": model.cost(),
+                            "control_params": model.control_parameters(),
+                            "stored_params": count_parameters(model), "train_seconds": stage_seconds(layout, folders)}
+    return networks, info
+
+
+def compare_run(run_dir: str | Path, methods: Sequence[str] = BASELINES, overrides: Sequence[str] = (),
+                subsets: int = SUBSETS, max_batches: int | None = None, device: str = "cpu",
+                baselines_from: str | Path | None = None) -> dict[str, Any]:
+    """Train the missing baselines of a run, score them with the evaluation protocol and write
+    ``compare/metrics.json``, ``compare/report.md`` and figure 6 (see the module docstring).
+
+    Args:
+        baselines_from: a pipeline config whose baseline sections are added to the run's config where it has
+            none (a run made before its config had them).
+    """
+    from stages.common import write_yaml
+    from stages.evaluate import evaluate_run, run_data_config, stream_test_losses
+    from stages.runner import load_pipeline_config, run_pipeline
+
+    layout = RunLayout(Path(run_dir).resolve())
+    if not layout.pipeline_config.is_file():
+        raise FileNotFoundError(f"{layout.root} holds no {layout.pipeline_config.relative_to(layout.root)}: "
+                                "`dymu compare` takes a run directory written by `dymu run`")
+    unknown = sorted(set(methods) - set(BASELINES))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(BASELINES)}")
+    if baselines_from is not None:
+        source = read_yaml(baselines_from)
+        stored = read_yaml(layout.pipeline_config)
+        added = {s: source[s] for s in STAGES if not STAGES[s].in_pipeline and s in source and s not in stored}
+        if added:
+            write_yaml({**stored, **added}, layout.pipeline_config)
+    config = load_pipeline_config(layout.pipeline_config, list(overrides))
+    check_baseline_sections(config, methods)
+    # DYMU's own stages are skipped when finished; the baselines train once and are skipped on a rerun
+    run_pipeline(layout.pipeline_config, layout.root, evaluate=False, overrides=list(overrides),
+                 stages=("weight", *methods))
+    evaluate_options = config.get("evaluate") or {}
+    if not layout.metrics.is_file():
+        evaluate_run(layout.root, **evaluate_options)
+    ours = json.loads(layout.metrics.read_text())
+    n, reference_point = len(ours["tasks"]), ours["reference_point"]
+    prefs = evaluation_preferences(n, int(evaluate_options.get("num_preferences", 20)), c=0.0,
+                                   seed=int(evaluate_options.get("seed", 0)))
+    networks, info = baseline_networks(layout, config, methods, prefs)
+    losses, _, _ = stream_test_losses(lambda tasks: ModulesEvaluation(networks, tasks), run_data_config(layout.root),
+                                      max_batches, device, 1, layout.compare_dir)
+
+    model = DynamicMultiTaskModel.from_checkpoint(layout.model_checkpoint())
+    edge_params = count_parameters(model.edge_hypernet) if model.edge_hypernet is not None else 0
+    anchor_s, edge_s = stage_seconds(layout, ["anchor"]), stage_seconds(layout, ["edge"])
+    weight_s = stage_seconds(layout, ["weight"]) if layout.final("weight").is_file() else None
+    rows: list[dict[str, Any]] = []
+    anchor_rec = next(r for r in ours["records"] if r["method"] == "single-task anchor" and r["c"] == 0.0)
+    rows.append({"method": "single-task", "hypervolume": anchor_rec["hypervolume"], "hv_ratio": 1.0,
+                 "uniformity": None, "params": ours["anchor"]["params"], "gflops": ours["anchor"]["gflops"],
+                 "control_params": None, "train_seconds": anchor_s})
+    records: dict[str, list[dict[str, Any]]] = {}
+    for method in methods:
+        item = info[method]
+        recs = [{"r": r, "losses": losses[(method, k)], **item["cost"]} for k, r in enumerate(item["r"])]
+        records[method] = recs
+        summary = front_summary(recs, reference_point)
+        label = {"phn": "PHN", "phn_bn": "PHN-BN", "static": f"static ({len(recs)} networks)"}[method]
+        rows.append({"method": label, "hypervolume": summary["hypervolume"],
+                     "hv_ratio": summary["hypervolume"] / anchor_rec["hypervolume"] if anchor_rec["hypervolume"]
+                     else None, "uniformity": summary["uniformity"], "params": item["cost"]["params"],
+                     "gflops": item["cost"]["flops"] / 1e9, "control_params": item["control_params"],
+                     "stored_params": item["stored_params"], "train_seconds": item["train_seconds"]})
+    for adapt in (False, True):
+        for c in (0.0, 1.0):
+            rec = next((r for r in ours["records"] if r["method"] == "dymu" and r["adaptation"] == adapt
+                        and r["c"] == c), None)
+            if rec is None:
+                continue
+            seconds = None if None in (anchor_s, edge_s, *( [weight_s] if adapt else [])) else \
+                anchor_s + edge_s + (weight_s if adapt else 0.0)  # type: ignore[operator]
+            rows.append({"method": f"ours{'' if adapt else ' w/o adaptation'}, c={c:g}",
+                         "hypervolume": rec["hypervolume"], "hv_ratio": rec.get("hypervolume_ratio"),
+                         "uniformity": rec["uniformity"], "params": rec["mean_params"], "gflops": rec["mean_gflops"],
+                         "control_params": ours["control_params"] if adapt else edge_params,
+                         "train_seconds": seconds})
+    curve = None
+    if "static" in methods:
+        curve = static_subset_curve([r["losses"] for r in records["static"]], info["static"]["seconds"],
+                                    reference_point, subsets=subsets, seed=int(evaluate_options.get("seed", 0)))
+    result = {"tasks": ours["tasks"], "reference_point": reference_point, "preferences": len(prefs),
+              "rows": rows, "static_curve": curve, "records": records}
+    result["static_match"] = static_match(rows, curve)
+    layout.compare_dir.mkdir(parents=True, exist_ok=True)
+    result["plot"] = plot_training_efficiency(rows, curve, layout.compare_plot)
+    layout.compare_metrics.write_text(json.dumps(result, indent=1))
+    layout.compare_report.write_text(render_report(result))
+    return result
+
+
+def static_match(rows: Sequence[dict[str, Any]], curve: Sequence[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """How many static networks (and how much of their training time) it takes to reach ours' hypervolume
+    (with adaptation at c = 0): the paper's figure-6 claim, as numbers."""
+    ours = next((r for r in rows if r["method"] == "ours, c=0"), None)
+    if ours is None or not curve:
+        return None
+    reached = next((p for p in curve if p["hv_mean"] >= ours["hypervolume"]), None)
+    return {"ours_hypervolume": ours["hypervolume"], "ours_seconds": ours["train_seconds"],
+            "static_k": None if reached is None else reached["k"],
+            "static_seconds": None if reached is None else reached["seconds_mean"],
+            "all_static_hypervolume": curve[-1]["hv_mean"], "all_static_seconds": curve[-1]["seconds_mean"]}
+
+
+def plot_training_efficiency(rows: Sequence[dict[str, Any]], curve: Sequence[dict[str, Any]] | None,
+                             path: Path) -> str:
+    """Figure 6: hypervolume against training wall-clock time; returns the file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if curve and all(p["seconds_mean"] is not None for p in curve):
+        xs = [p["seconds_mean"] for p in curve]
+        ax.errorbar(xs, [p["hv_mean"] for p in curve], yerr=[p["hv_std"] for p in curve], marker="o", ms=3,
+                    capsize=2, label="static networks (k of K, mean ± sd over subsets)")
+    for row in rows:
+        if row["train_seconds"] is not None and not row["method"].startswith("static"):
+            ax.scatter([row["train_seconds"]], [row["hypervolume"]], marker="*" if "ours" in row["method"] else "s",
+                       s=80, label=row["method"], zorder=3)
+    ax.set_xlabel("training wall-clock time (s)")
+    ax.set_ylabel("hypervolume (c = 0 preferences)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_report(result: dict[str, Any]) -> str:
+    """The comparison in the layout of the paper's tables 1-4, and figure 6's numbers."""
+    lines = ["# dymu compare", "",
+             f"Tasks: {', '.join(result['tasks'])}. Hypervolume over {result['preferences']} preferences "
+             f"r ~ Dirichlet(1) (the evaluation's), reference point {[round(v, 4) for v in result['reference_point']]} "
+             "(scaled test losses). Training time: wall-clock seconds of the stages' training loops "
+             "(ours: anchor + edge (+ weight); PHN-BN: its shared parent + its hypernet).", "",
+             "| method | hypervolume | HV / single-task | uniformity | inference params | GFLOPs | control params "
+             "| training time (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in result["rows"]:
+        control = _fmt(row["control_params"], ",")
+        if row["method"].startswith("static"):
+            control = f"- ({row['stored_params']:,} stored)"
+        lines.append(f"| {row['method']} | {row['hypervolume']:.4g} | {_fmt(row['hv_ratio'], '.3f')} | "
+                     f"{_fmt(row['uniformity'], '.3f')} | {row['params']:,.0f} | {row['gflops']:.4f} | {control} | "
+                     f"{_fmt(row['train_seconds'], '.0f')} |")
+    match = result.get("static_match")
+    if match:
+        lines += ["", "## Training efficiency (figure 6)", "",
+                  f"![training efficiency]({result['plot']})", ""]
+        if match["static_k"] is None:
+            lines.append(f"No subset of the static networks reaches ours' hypervolume ({match['ours_hypervolume']:.4g});"
+                         f" all {len(result['static_curve'])} reach {match['all_static_hypervolume']:.4g} in "
+                         f"{_fmt(match['all_static_seconds'], '.0f')} s against ours' "
+                         f"{_fmt(match['ours_seconds'], '.0f')} s.")
+        else:
+            lines.append(f"The static networks reach ours' hypervolume ({match['ours_hypervolume']:.4g}, in "
+                         f"{_fmt(match['ours_seconds'], '.0f')} s of training) with {match['static_k']} networks "
+                         f"on average, trained in {_fmt(match['static_seconds'], '.0f')} s.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dymu compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run_dir", required=True, help="a run of `dymu run` (its anchor is reused)")
+    parser.add_argument("--methods", nargs="+", default=list(BASELINES), choices=BASELINES)
+    parser.add_argument("--subsets", type=int, default=SUBSETS, help="random subsets per size in figure 6")
+    parser.add_argument("--max_batches", type=int, default=None, help="default: the whole test split")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override an entry of the run's pipeline config (e.g. a baseline's max_steps)")
+    parser.add_argument("--baselines_from", default=None, metavar="P.yaml",
+                        help="take the baseline sections the run's config lacks from this pipeline config")
+    args = parser.parse_args(argv)
+    result = compare_run(args.run_dir, methods=args.methods, overrides=args.overrides, subsets=args.subsets,
+                         max_batches=args.max_batches, device=args.device, baselines_from=args.baselines_from)
+    print(render_report(result))
+    print(f"[dymu compare] wrote {RunLayout(args.run_dir).compare_dir}")
+    return 0

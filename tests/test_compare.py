@@ -1,0 +1,94 @@
+"""`dymu compare` on a tiny run: every row, figure 6, and a rerun that trains nothing new."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dymu.metrics import hypervolume
+from stages.cli import entry_point
+from stages.compare import static_subset_curve
+from stages.layout import RunLayout
+from stages.runner import run_pipeline
+from tests.test_pipeline import CSV, tiny_config, tiny_trainer, write
+
+K = 3
+
+
+def compare_config() -> dict:
+    config = tiny_config(steps=2, logger=CSV)
+    config["evaluate"] = {"num_preferences": K, "num_cost_preferences": 20}
+    for stage in ("shared_mtl", "phn", "phn_bn", "static"):
+        config[stage] = {"trainer": tiny_trainer(2)}
+    config["phn"]["model"] = {"chunk_size": 500, "chunk_embed_dim": 8, "embed_dim": 8, "hidden": 16}
+    config["phn_bn"]["model"] = {"embed_dim": 8, "hidden": 16}
+    config["static"]["count"] = K
+    return config
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare")
+    run_dir = run_pipeline(write(compare_config(), tmp / "pipeline.yaml"), tmp / "run")
+    assert entry_point(["compare", "--run_dir", str(run_dir)]) == 0
+    return run_dir
+
+
+def test_compare_writes_every_row_and_figure_6(compared):
+    layout = RunLayout(compared)
+    result = json.loads(layout.compare_metrics.read_text())
+    methods = [row["method"] for row in result["rows"]]
+    assert methods == ["single-task", "PHN", "PHN-BN", f"static ({K} networks)", "ours w/o adaptation, c=0",
+                       "ours w/o adaptation, c=1", "ours, c=0", "ours, c=1"]
+    rows = {row["method"]: row for row in result["rows"]}
+    assert rows["PHN"]["control_params"] > rows["PHN-BN"]["control_params"] > 0
+    assert rows["PHN"]["params"] == rows["PHN-BN"]["params"] == rows[f"static ({K} networks)"]["params"]
+    assert all(row["train_seconds"] is not None and row["train_seconds"] > 0 for row in result["rows"])
+    assert len(result["records"]["static"]) == K and len(result["records"]["phn"]) == K
+    # the static networks are scored at the preferences they were trained for: the evaluation's
+    ours = json.loads(layout.metrics.read_text())
+    eval_rs = [p["r"] for p in next(r for r in ours["records"] if r["method"] == "dymu")["preferences"]]
+    np.testing.assert_allclose([rec["r"] for rec in result["records"]["static"]], eval_rs)
+    # the table's hypervolume is the front of the records, against the evaluation's reference point
+    phn = result["records"]["phn"]
+    assert rows["PHN"]["hypervolume"] == pytest.approx(
+        hypervolume(np.array([r["losses"] for r in phn]), np.array(ours["reference_point"])))
+    assert [p["k"] for p in result["static_curve"]] == list(range(1, K + 1))
+    assert layout.compare_plot.is_file() and "| PHN-BN |" in layout.compare_report.read_text()
+
+
+def test_rerunning_compare_trains_nothing(compared, capsys):
+    layout = RunLayout(compared)
+    finals = {p: p.stat().st_mtime_ns for p in compared.rglob("final.ckpt")}
+    assert len(finals) == 3 + 3 + K  # anchor, edge, weight; shared_mtl, phn, phn_bn; K static networks
+    capsys.readouterr()
+    assert entry_point(["compare", "--run_dir", str(compared)]) == 0
+    out = capsys.readouterr().out
+    assert ": training" not in out and "resuming" not in out
+    assert {p: p.stat().st_mtime_ns for p in compared.rglob("final.ckpt")} == finals
+    assert layout.compare_report.is_file()
+
+
+def test_compare_refuses_a_run_without_baseline_settings(tmp_path, capsys):
+    config = tiny_config(steps=2, logger=CSV)
+    run_dir = tmp_path / "run"
+    (run_dir / "configs").mkdir(parents=True)
+    write(config, RunLayout(run_dir).pipeline_config)
+    assert entry_point(["compare", "--run_dir", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "no trainer settings for the baseline stages" in err and "--set" in err
+    assert not (run_dir / "anchor").exists()
+
+
+def test_static_subset_curve_against_a_hand_count():
+    losses = [[1.0, 3.0], [3.0, 1.0], [2.0, 2.0]]
+    curve = static_subset_curve(losses, [10.0, 20.0, 30.0], [4.0, 4.0], subsets=10)
+    # k = 1: each point alone spans (4-1)(4-3) = 3, (4-3)(4-1) = 3, (4-2)(4-2) = 4
+    assert curve[0]["subsets"] == 3 and curve[0]["hv_mean"] == pytest.approx(10 / 3)
+    assert curve[0]["seconds_mean"] == pytest.approx(20.0)
+    # k = 3, the staircase: x in [1, 2) height 4-3 = 1, [2, 3) height 4-2 = 2, [3, 4) height 4-1 = 3: 6
+    assert curve[2]["hv_mean"] == pytest.approx(6.0) and curve[2]["hv_std"] == 0.0
+    assert curve[2]["seconds_mean"] == pytest.approx(60.0)
+    assert static_subset_curve(losses, [10.0, None, 30.0], [4.0, 4.0])[2]["seconds_mean"] is None
