@@ -90,16 +90,6 @@ def stage_seconds(layout: RunLayout, folders: Sequence[str]) -> float | None:
     return total
 
 
-def check_baseline_sections(config: dict[str, Any], methods: Sequence[str]) -> None:
-    """The pipeline config must say how long to train each baseline (Lightning's default is 1000 epochs)."""
-    needed = [s for m in methods for s in ([*STAGES[m].parents, m]) if STAGES[s].trained and not STAGES[s].in_pipeline]
-    missing = [s for s in dict.fromkeys(needed) if not ((config.get(s) or {}).get("trainer") or {})]
-    if missing:
-        raise ValueError(f"the run's pipeline config has no trainer settings for the baseline stages {missing}: take "
-                         "them from a config with --baselines_from configs/quickstart.yaml, or set them with --set "
-                         f"'{missing[0]}.trainer={{max_steps: 500, accelerator: cpu, devices: 1}}'")
-
-
 class BoundPreference(nn.Module):
     """A preference-conditioned baseline fixed at one preference: ``forward(x) = model(x, r)``."""
 
@@ -159,7 +149,8 @@ def compare_run(run_dir: str | Path, methods: Sequence[str] = BASELINES, overrid
     """
     from stages.common import write_yaml
     from stages.evaluate import evaluate_run, run_data_config, stream_test_losses
-    from stages.runner import load_pipeline_config, run_pipeline
+    from stages.graph import order
+    from stages.runner import check_stage_sections, load_pipeline_config, run_pipeline
 
     layout = RunLayout(Path(run_dir).resolve())
     if not layout.pipeline_config.is_file():
@@ -175,7 +166,8 @@ def compare_run(run_dir: str | Path, methods: Sequence[str] = BASELINES, overrid
         if added:
             write_yaml({**stored, **added}, layout.pipeline_config)
     config = load_pipeline_config(layout.pipeline_config, list(overrides))
-    check_baseline_sections(config, methods)
+    check_stage_sections(config, order(tuple(methods)), hint="take them from a config with --baselines_from "
+                         "configs/quickstart.yaml, or set them")
     # DYMU's own stages are skipped when finished; the baselines train once and are skipped on a rerun
     run_pipeline(layout.pipeline_config, layout.root, evaluate=False, overrides=list(overrides),
                  stages=("weight", *methods))

@@ -120,6 +120,16 @@ def check_accelerator(stage: str, config: dict[str, Any]) -> None:
                          f"{stage}.trainer.accelerator=cpu")
 
 
+def check_stage_sections(config: dict[str, Any], stages: list[Stage], hint: str = "") -> None:
+    """A stage outside the default pipeline (a baseline) must say how long it trains: without a ``trainer``
+    section Lightning's default (1000 epochs) would apply."""
+    missing = [s.name for s in stages if s.trained and not s.in_pipeline and not (config.get(s.name) or {}).get("trainer")]
+    if missing:
+        raise ValueError(f"the pipeline config has no trainer settings for the stages {missing}: "
+                         f"{hint or 'add a section for each'} (see configs/quickstart.yaml's baseline sections), e.g. "
+                         f"--set '{missing[0]}.trainer={{max_steps: 500, accelerator: cpu, devices: 1}}'")
+
+
 def check_before_training(config: dict[str, Any], run_dir: Path, stages: list[Stage],
                           sources: dict[str, RunLayout] | None = None) -> dict[str, dict[str, Any]]:
     """Everything that can fail before any training, in this order: every stage config parsed and
@@ -127,6 +137,7 @@ def check_before_training(config: dict[str, Any], run_dir: Path, stages: list[St
     stage's name, or ``static/p00`` for an instance of a repeated stage)."""
     from stages.stage_cli import check_stage_config
 
+    check_stage_sections(config, stages)
     configs: dict[str, dict[str, Any]] = {}
     for spec in stages:
         if spec.trained:

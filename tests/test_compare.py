@@ -78,7 +78,7 @@ def test_compare_refuses_a_run_without_baseline_settings(tmp_path, capsys):
     write(config, RunLayout(run_dir).pipeline_config)
     assert entry_point(["compare", "--run_dir", str(run_dir)]) == 1
     err = capsys.readouterr().err
-    assert "no trainer settings for the baseline stages" in err and "--set" in err
+    assert "no trainer settings for the stages" in err and "--baselines_from" in err
     assert not (run_dir / "anchor").exists()
 
 

@@ -81,6 +81,14 @@ def test_gpu_stage_on_a_cpu_machine_names_the_override(tmp_path, capsys):
     assert not (tmp_path / "run" / "anchor").exists()
 
 
+def test_a_baseline_stage_without_trainer_settings_is_refused(tmp_path, capsys):
+    cfg = write(tiny_config(), tmp_path / "pipeline.yaml")
+    err = one_line_error(capsys, entry_point(["run", "--config", str(cfg), "--run_dir", str(tmp_path / "run"),
+                                              "--stages", "ltb"]))
+    assert "['ltb']" in err and "--set 'ltb.trainer=" in err
+    assert not (tmp_path / "run" / "anchor").exists()
+
+
 def test_evaluate_on_a_folder_without_a_run(tmp_path, capsys):
     err = one_line_error(capsys, entry_point(["evaluate", "--run_dir", str(tmp_path)]))
     assert str(tmp_path) in err

@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--c_sampling", choices=["uniform", "paired", "stratified"], default="uniform")
     parser.add_argument("--logit_bound", type=float, default=None)
+    parser.add_argument("--c_conditioning", choices=["embedding", "affine"], default="embedding")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -80,7 +81,7 @@ def main() -> None:
     affinity = load_affinity(run / "affinity.json", model.tasks).float()
     regularizer = {"tau": args.tau, "lambda_active": args.lambda_active, "lambda_inactive": args.lambda_inactive,
                    "layer_weighting": args.layer_weighting}
-    learner: nn.Module = FreeLogits(n_layers, n) if args.learner == "free" else EdgeHypernet(n, n_layers)
+    learner: nn.Module = FreeLogits(n_layers, n) if args.learner == "free" else EdgeHypernet(n, n_layers, c_conditioning=args.c_conditioning)
     if args.logit_bound is not None:
         inner, bound = learner, args.logit_bound
 
