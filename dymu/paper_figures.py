@@ -2,7 +2,9 @@
 
 Transcribed from /work/shared/design/PAPER_RESULTS.md: the "Single-Task" row's inference parameters and
 "GFLOPs" (the anchor: N separate streams) and the control parameters of "Ours w/o adaptation" (the edge
-hypernet alone) and "Ours" (edge and weight hypernets). The paper's "GFLOPs" are multiply-adds: at
+hypernet alone) and "Ours" (edge and weight hypernets), and the rows of the dynamic baselines PHN and PHN-BN
+(inference parameters and "GFLOPs" of the shared network they run, their control parameters). The paper's
+"GFLOPs" are multiply-adds: at
 PASCAL-Context our multiply-adds are 2 % below them, our FLOPs (2 per multiply-add) twice them
 (docs/datasets.md).
 
@@ -12,8 +14,23 @@ whose data module has a single task list (CIFAR-100's 20 superclasses) matches a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class BaselineFigures:
+    """One baseline's row of DYMU tables 1-4, as printed.
+
+    Attributes:
+        inference_params: "inference params" (the network that runs).
+        gflops: "GFLOPs" (multiply-adds, 1e9).
+        control_params: "control params" (the hypernet).
+    """
+
+    inference_params: float
+    gflops: float
+    control_params: float
 
 
 @dataclass(frozen=True)
@@ -29,6 +46,7 @@ class PaperSetting:
         anchor_gflops: "Single-Task" GFLOPs (multiply-adds).
         edge_params: control parameters of "Ours w/o adaptation" (the edge hypernet).
         control_params: control parameters of "Ours" (edge and weight hypernets).
+        baselines: the baselines' rows, keyed by the stage that trains them (``phn``, ``phn_bn``).
     """
 
     name: str
@@ -39,6 +57,7 @@ class PaperSetting:
     anchor_gflops: float
     edge_params: float
     control_params: float
+    baselines: Mapping[str, BaselineFigures] = field(default_factory=dict)
 
     @property
     def weight_params(self) -> float:
@@ -54,13 +73,21 @@ PASCAL_CONTEXT = "datamodules.pascal_context.PascalContext"
 PAPER_SETTINGS: dict[str, PaperSetting] = {s.name: s for s in (
     PaperSetting("PASCAL-Context 5 tasks", "DYMU table 1", PASCAL_CONTEXT,
                  ("semseg", "parts", "saliency", "normals", "edges"),
-                 anchor_params=9.84e6, anchor_gflops=16.17, edge_params=0.06e6, control_params=15.32e6),
+                 anchor_params=9.84e6, anchor_gflops=16.17, edge_params=0.06e6, control_params=15.32e6,
+                 baselines={"phn": BaselineFigures(2.15e6, 6.28, 21.50e6),
+                            "phn_bn": BaselineFigures(2.15e6, 6.28, 3.63e6)}),
     PaperSetting("PASCAL-Context 3 tasks", "DYMU table 2", PASCAL_CONTEXT, ("semseg", "parts", "saliency"),
-                 anchor_params=5.91e6, anchor_gflops=9.75, edge_params=0.03e6, control_params=9.25e6),
+                 anchor_params=5.91e6, anchor_gflops=9.75, edge_params=0.03e6, control_params=9.25e6,
+                 baselines={"phn": BaselineFigures(2.06e6, 4.81, 21.10e6),
+                            "phn_bn": BaselineFigures(2.06e6, 4.81, 3.32e6)}),
     PaperSetting("NYU-v2", "DYMU table 3", "datamodules.nyuv2.NYUv2", ("semseg", "normals", "depth"),
-                 anchor_params=64.47e6, anchor_gflops=58.78, edge_params=0.03e6, control_params=5.72e6),
+                 anchor_params=64.47e6, anchor_gflops=58.78, edge_params=0.03e6, control_params=5.72e6,
+                 baselines={"phn": BaselineFigures(21.59e6, 21.02, 21.04e6),
+                            "phn_bn": BaselineFigures(21.59e6, 21.02, 2.23e6)}),
     PaperSetting("CIFAR-100", "DYMU table 4", "datamodules.cifar100.CIFAR100MultiTask", None,
-                 anchor_params=36.18e6, anchor_gflops=348.79, edge_params=0.34e6, control_params=3.10e6),
+                 anchor_params=36.18e6, anchor_gflops=348.79, edge_params=0.34e6, control_params=3.10e6,
+                 baselines={"phn": BaselineFigures(16.35e6, 73.13, 11.03e6),
+                            "phn_bn": BaselineFigures(16.35e6, 73.13, 0.31e6)}),
 )}
 """DYMU tables 1-4, keyed by setting name."""
 

@@ -14,8 +14,8 @@ from stages.graph import STAGES, training_stages
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("stages.runner:main", "--config P.yaml [--run_dir D] [--stages S ...]",
             "the stages of the stage table, then evaluate, in one run directory"),
-    "configs": ("stages.runner:configs_main", "--config P.yaml --out DIR --run_dir D",
-                "write one <stage>.yaml per training stage, for running stages by hand"),
+    "configs": ("stages.runner:configs_main", "--config P.yaml --out DIR --run_dir D [--stages S ...]",
+                "write one <stage>.yaml per training stage (the pipeline's, or S), for running stages by hand"),
     "affinity": ("stages.affinity:main", "--config C.yaml --anchor_checkpoint A --out_dir D",
                  "the RSA affinity the edge stage reads"),
     "evaluate": ("stages.evaluate:main", "--run_dir D", "the evaluation protocol: metrics.json, report.md, plots"),

@@ -1,21 +1,41 @@
 """``dymu info --config pipeline.yaml``: sizes of the configured networks, without data or training, beside
-the paper's figures for the same setting (DYMU tables 1-4); ``dymu info --stages``: the stage table."""
+the paper's figures for the same setting (DYMU tables 1-4): DYMU's anchor and hypernets, and the baselines the
+config has a section for; ``dymu info --stages``: the stage table."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
-from dymu.anchor import batchnorm_names
+from dymu.anchor import NodeCosts, batchnorm_names, count_parameters
+from dymu.baselines.base import BaselineModel, baseline_class
 from dymu.model import DynamicMultiTaskModel
 from dymu.paper_figures import PaperSetting, paper_setting
+from dymu.search_space import Architecture
 from stages.common import build_backbone_from_config, build_data
+from stages.graph import STAGES
+
+BASELINE_MODELS = {"shared_mtl": "static", "static": "static", "phn": "phn", "phn_bn": "phn_bn", "ltb": "ltb",
+                   "bmtas": "bmtas", "feature_partitioning": "feature_partitioning"}
+"""Baseline stage -> the kind of ``dymu.baselines`` model its LightningModule trains."""
+
+SHARED_NETWORK_KINDS = ("static", "phn", "phn_bn")
+"""Baselines whose inference network is the shared network (``dymu.baselines.base.shared_network``: the anchor
+specialised to ``Architecture.shared``), so its cost is that tree's in the anchor's node costs. The others
+(LTB, BMTAS, feature partitioning) run the network their search finds: known after training."""
+
+NOT_SIZED = {"retrain": "retrains the trees that other stages find (edge, ltb, bmtas): sized after them"}
+"""Baseline stages whose network info cannot build from the config alone, and why."""
+
+MODEL_ARGUMENTS = ("self", "backbone", "tasks", "input_shape")
 
 
 def describe(config: dict[str, Any]) -> dict[str, Any]:
-    """The data module, N, L, the anchor's parameters and GFLOPs at the data's input size, and the hypernets'
-    sizes."""
+    """The data module, N, L, the anchor's parameters and GFLOPs at the data's input size, the hypernets'
+    sizes and, under ``baselines``, the sizes of the baselines the config has a section for
+    (``describe_baselines``)."""
     data = build_data(config["data"])
     backbone = build_backbone_from_config(config["backbone"])
     size = lambda stage: {k: v for k, v in ((config.get(stage) or {}).get("model") or {}).items()  # noqa: E731
@@ -40,7 +60,62 @@ def describe(config: dict[str, Any]) -> dict[str, Any]:
         "edge_hypernet_params": sum(p.numel() for p in model.edge_hypernet.parameters()),
         "weight_hypernet_params": sum(p.numel() for p in model.weight_hypernet.parameters()),
         "modulated_batchnorms": len(batchnorm_names(anchor)),
+        "baselines": describe_baselines(config, cost, data.input_shape),
     }
+
+
+def build_baseline(config: dict[str, Any], stage: str) -> BaselineModel:
+    """The ``dymu.baselines`` model that baseline ``stage`` trains, as the pipeline config's section sets it up,
+    with fresh weights: no data, no training, no parent checkpoint (PHN-BN's frozen network, the searches'
+    anchor streams). The model's size arguments are the stage's model arguments of the same name (the stage's
+    defaults where the section sets none); a repeated stage's first instance."""
+    from stages.runner import stage_config
+
+    spec = STAGES[stage]
+    folder, model_args = spec.instances(config)[0]
+    section = stage_config(config, stage, "<run_dir>", folder=folder, model_args=model_args)
+    data = build_data(section["data"])
+    model_class = baseline_class(BASELINE_MODELS[stage])
+    stage_arguments = inspect.signature(spec.model_class().__init__).parameters
+    sizes = {}
+    for name in inspect.signature(model_class.__init__).parameters:
+        if name in MODEL_ARGUMENTS or name not in stage_arguments:
+            continue
+        if name in section["model"]:
+            sizes[name] = section["model"][name]
+        elif stage_arguments[name].default is not inspect.Parameter.empty:
+            sizes[name] = stage_arguments[name].default
+    return model_class(build_backbone_from_config(config["backbone"]), data.tasks, data.input_shape, **sizes)
+
+
+def describe_baselines(config: dict[str, Any], costs: NodeCosts, input_shape: Any) -> dict[str, dict[str, Any]]:
+    """For each baseline stage with a section in ``config``: its model, instances, control parameters and, for
+    a baseline that runs the shared network, that network's parameters and FLOPs (the shared tree's in the
+    anchor's node costs ``costs``, measured at ``input_shape``; batch 1), else the parameters its search trains;
+    for a stage whose network depends on its parents' results (``NOT_SIZED``), its instances and a note."""
+    out: dict[str, dict[str, Any]] = {}
+    for spec in STAGES.values():
+        if spec.in_pipeline or not spec.trained or spec.name not in config:
+            continue
+        instances = len(spec.instances(config))
+        if spec.name not in BASELINE_MODELS:
+            out[spec.name] = {"instances": instances,
+                              "note": NOT_SIZED.get(spec.name, "info does not build this stage's model")}
+            continue
+        model = build_baseline(config, spec.name)
+        entry: dict[str, Any] = {"model": f"{type(model).__module__}.{type(model).__qualname__}",
+                                 "instances": instances, "control_params": model.control_parameters()}
+        if model.kind in SHARED_NETWORK_KINDS:
+            if tuple(model.input_shape or ()) == tuple(input_shape):
+                cost = costs.cost(Architecture.shared(model.n_tasks, len(costs.node_params)))
+            else:  # the section's data changes the input: measure the network itself
+                cost = model.cost()
+            entry.update(inference_params=cost["params"], inference_gflops=cost["flops"] / 1e9,
+                         inference_gmacs=cost["flops"] / 2e9)
+        else:
+            entry["search_params"] = count_parameters(model)
+        out[spec.name] = entry
+    return out
 
 
 @dataclass(frozen=True)
@@ -79,6 +154,30 @@ def paper_rows(info: dict[str, Any], paper: PaperSetting) -> list[Row]:
     ]
 
 
+def baseline_rows(baselines: dict[str, dict[str, Any]], paper: PaperSetting | None) -> list[Row]:
+    """The baselines' sizes (from :func:`describe_baselines`), each beside the paper's figure where its tables
+    1-4 have the baseline's row (PHN, PHN-BN). Control params are listed for the baselines that have a hypernet
+    (none for a static network or a search); a stage with a note (``NOT_SIZED``) has no rows."""
+    rows = []
+    for stage, info in baselines.items():
+        if "note" in info:
+            continue
+        figures = None if paper is None else paper.baselines.get(stage)
+        if "inference_params" in info:
+            each = f" (each of {info['instances']})" if info["instances"] > 1 else ""
+            rows += [Row(f"{stage}: inference params{each}", info["inference_params"],
+                         figures and figures.inference_params, "params"),
+                     Row(f'{stage}: inference GMACs (paper: its "GFLOPs")', info["inference_gmacs"],
+                         figures and figures.gflops, "G"),
+                     Row(f"{stage}: inference GFLOPs (2 per multiply-add)", info["inference_gflops"], None, "G")]
+        else:
+            rows.append(Row(f"{stage}: params the search trains", info["search_params"], None, "params"))
+        if info["control_params"] or figures is not None:
+            rows.append(Row(f"{stage}: control params", info["control_params"], figures and figures.control_params,
+                            "params"))
+    return rows
+
+
 def format_rows(rows: list[Row]) -> str:
     """A Markdown table: quantity | ours | paper | ours / paper."""
     lines = [["quantity", "ours", "paper", "ours / paper"], *(row.cells() for row in rows)]
@@ -89,16 +188,27 @@ def format_rows(rows: list[Row]) -> str:
 
 
 def format_info(info: dict[str, Any]) -> str:
-    """Our sizes as ``key  value`` lines, then the paper's figures beside them where the paper has the setting."""
-    width = max(map(len, info))
+    """Our sizes as ``key  value`` lines, then the paper's figures beside them where the paper has the setting,
+    then the baselines' sizes (beside the paper's PHN and PHN-BN rows)."""
+    scalars = {key: value for key, value in info.items() if key != "baselines"}
+    width = max(map(len, scalars))
     lines = [f"{key:<{width}}  {value:,}" if isinstance(value, int) else f"{key:<{width}}  {value}"
-             for key, value in info.items()]
+             for key, value in scalars.items()]
     paper = paper_setting(info["data"], info["tasks"])
     if paper is None:
         lines += ["", "no paper figures for this data set and task list (DYMU tables 1-4 have none)"]
     else:
         lines += ["", f"{paper.table} ({paper.name}): Single-Task row; control params of Ours and Ours w/o "
                       "adaptation", "", format_rows(paper_rows(info, paper))]
+    baselines = info.get("baselines") or {}
+    if baselines:
+        source = "" if paper is None else f"; paper: {paper.table}'s PHN and PHN-BN rows"
+        lines += ["", f"baselines (the config's sections; inference at the input size above, batch 1{source})", "",
+                  format_rows(baseline_rows(baselines, paper))]
+        searches = [stage for stage, entry in baselines.items() if "search_params" in entry]
+        if searches:
+            lines.append(f"{', '.join(searches)}: inference runs the network the search finds (known after training)")
+        lines += [f"{stage}: {entry['note']}" for stage, entry in baselines.items() if "note" in entry]
     return "\n".join(lines)
 
 

@@ -246,8 +246,10 @@ def project_root() -> Path:
 
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """A copy of ``config`` with ``dotted.key=value`` overrides applied (values parsed as YAML), e.g.
-    ``data.init_args.root=/data/NYUD_MT`` or ``anchor.trainer.devices=4``."""
-    config = copy.deepcopy(config)
+    ``data.init_args.root=/data/NYUD_MT`` or ``anchor.trainer.devices=4``. Each top-level section is copied on
+    its own, so sections that share a YAML anchor (``*hypernet_optimizer``) stop sharing it: an override of one
+    stage never changes another."""
+    config = {key: copy.deepcopy(value) for key, value in config.items()}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -275,23 +277,31 @@ def load_pipeline_config(config_path: str | Path, overrides: list[str] | None = 
 
 
 def write_stage_configs(config: dict[str, Any], out_dir: str | Path, run_dir: str | Path,
-                        source: str | Path | None = None) -> list[Path]:
-    """Write the LightningCLI config of each training stage that ``dymu run`` would train with ``run_dir``
-    (the pipeline's stages, and the baselines the config has a section for; one file per instance of a
-    repeated stage, e.g. ``static/p00.yaml``) into ``out_dir``, for running stages one by one with
-    ``dymu <stage> fit --config``."""
+                        source: str | Path | None = None, stages: tuple[str, ...] | None = None) -> list[Path]:
+    """Write the LightningCLI config of each training stage that ``dymu run`` would train with ``run_dir`` into
+    ``out_dir`` (one file per instance of a repeated stage, e.g. ``static/p00.yaml``), for running stages one by
+    one with ``dymu <stage> fit --config``: by default the pipeline's own stages (``in_pipeline``), else those of
+    ``stages`` (a baseline needs a section in the config, as for ``dymu run --stages``; its parents are not
+    added)."""
+    if stages is None:
+        specs = [s for s in training_stages() if s.in_pipeline]
+    else:
+        specs = [s for s in order(stages) if s.name in stages]
+        untrained = [s.name for s in specs if not s.trained]
+        if untrained:
+            raise ValueError(f"{untrained} are computed steps, not training stages: they have no stage config")
+        check_stage_sections(config, specs)
     paths = []
     layout = RunLayout(run_dir)
-    for spec in training_stages():
-        if not (spec.in_pipeline or spec.name in config):
-            continue
+    for spec in specs:
         for folder, model_args in spec.instances(config):
             path = Path(out_dir) / f"{folder}.yaml"
             write_yaml(stage_config(config, spec.name, run_dir, folder=folder, model_args=model_args), path)
             if source is not None:
                 header = (f"# Stage '{folder}' of {source}, written by `dymu configs --config {source} --out "
-                          f"{out_dir} --run_dir {run_dir}`.\n# Edit the pipeline config and regenerate; run with "
-                          f"`dymu {spec.name} fit --config <this file>`")
+                          f"{out_dir} --run_dir {run_dir}"
+                          f"{'' if stages is None else ' --stages ' + ' '.join(stages)}`.\n# Edit the pipeline "
+                          f"config and regenerate; run with `dymu {spec.name} fit --config <this file>`")
                 if "affinity" in spec.parents:
                     header += (f"\n# after `dymu affinity --config <this file> --anchor_checkpoint "
                                f"{layout.final('anchor')} --out_dir {run_dir}`")
@@ -349,10 +359,14 @@ def configs_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="pipeline config")
     parser.add_argument("--out", required=True, help="folder for one <stage>.yaml per training stage")
     parser.add_argument("--run_dir", required=True, help="run directory the stage configs point at")
+    parser.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+                        help="write these training stages' configs instead of the pipeline's own "
+                             f"({[s.name for s in training_stages() if s.in_pipeline]}), e.g. --stages phn static")
     parser.add_argument("--data_root", default=None, help="the data set's root (sets data.init_args.root)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
     args = parser.parse_args(argv)
     config = load_pipeline_config(args.config, args.overrides, args.data_root)
-    for path in write_stage_configs(config, args.out, args.run_dir, source=args.config):
+    stages = tuple(args.stages) if args.stages else None
+    for path in write_stage_configs(config, args.out, args.run_dir, source=args.config, stages=stages):
         print(path)
     return 0
