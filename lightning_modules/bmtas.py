@@ -166,6 +166,7 @@ class BmtasSearch(TreeSearchStage):
         self.arch_optimizer = torch.optim.Adam([logits], lr=self.arch_lr, weight_decay=self.arch_weight_decay)
         temperature = self.temperature()
         totals = []
+        self.model.expected_cost()  # measured once at batch 1, before BatchNorm1d on batch statistics would refuse it
         with batch_statistics(self.model.anchor):
             for batch in self.arch_loader:
                 batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}

@@ -5,7 +5,9 @@ stage table's ``phn``, ``shared_mtl``, ``phn_bn`` and ``static`` stages, on D's 
 the pipeline config's sections for them), evaluates them with the protocol of ``dymu evaluate`` (the same
 preferences, reference point and streaming test loop), and writes ``D/compare/``: ``metrics.json``,
 ``report.md`` with the table in the paper's layout, and figure 6 (hypervolume against training wall-clock
-time: ours against random subsets of the K static networks).
+time: ours against random subsets of the K static networks). With ``--architectures`` it also trains the tree
+searches, feature partitioning and the retrained trees (``ARCHITECTURE_STAGES``) and adds the architecture
+evaluation, the paper's tables 5 and 7 (``architecture_rows``), as its own section of the report.
 """
 
 from __future__ import annotations
@@ -139,13 +141,15 @@ def baseline_networks(layout: RunLayout, config: dict[str, Any], methods: Sequen
 
 def compare_run(run_dir: str | Path, methods: Sequence[str] = BASELINES, overrides: Sequence[str] = (),
                 subsets: int = SUBSETS, max_batches: int | None = None, device: str = "cpu",
-                baselines_from: str | Path | None = None) -> dict[str, Any]:
+                baselines_from: str | Path | None = None, architectures: bool = False) -> dict[str, Any]:
     """Train the missing baselines of a run, score them with the evaluation protocol and write
     ``compare/metrics.json``, ``compare/report.md`` and figure 6 (see the module docstring).
 
     Args:
         baselines_from: a pipeline config whose baseline sections are added to the run's config where it has
             none (a run made before its config had them).
+        architectures: also train the architecture evaluation's stages (``ARCHITECTURE_STAGES``) and add its
+            table (``architecture_rows``, the paper's tables 5 and 7) as ``architectures``.
     """
     from stages.common import write_yaml
     from stages.evaluate import evaluate_run, run_data_config, stream_test_losses
@@ -166,11 +170,12 @@ def compare_run(run_dir: str | Path, methods: Sequence[str] = BASELINES, overrid
         if added:
             write_yaml({**stored, **added}, layout.pipeline_config)
     config = load_pipeline_config(layout.pipeline_config, list(overrides))
-    check_stage_sections(config, order(tuple(methods)), hint="take them from a config with --baselines_from "
+    extra = ARCHITECTURE_STAGES if architectures else ()
+    check_stage_sections(config, order((*methods, *extra)), hint="take them from a config with --baselines_from "
                          "configs/quickstart.yaml, or set them")
     # DYMU's own stages are skipped when finished; the baselines train once and are skipped on a rerun
     run_pipeline(layout.pipeline_config, layout.root, evaluate=False, overrides=list(overrides),
-                 stages=("weight", *methods))
+                 stages=("weight", *methods, *extra))
     evaluate_options = config.get("evaluate") or {}
     if not layout.metrics.is_file():
         evaluate_run(layout.root, **evaluate_options)
@@ -223,6 +228,8 @@ def compare_run(run_dir: str | Path, methods: Sequence[str] = BASELINES, overrid
     result = {"tasks": ours["tasks"], "reference_point": reference_point, "preferences": len(prefs),
               "rows": rows, "static_curve": curve, "records": records}
     result["static_match"] = static_match(rows, curve)
+    if architectures:
+        result["architectures"] = architecture_rows(layout, config, max_batches, device)
     layout.compare_dir.mkdir(parents=True, exist_ok=True)
     result["plot"] = plot_training_efficiency(rows, curve, layout.compare_plot)
     layout.compare_metrics.write_text(json.dumps(result, indent=1))
@@ -303,7 +310,107 @@ def render_report(result: dict[str, Any]) -> str:
             lines.append(f"The static networks reach ours' hypervolume ({match['ours_hypervolume']:.4g}, in "
                          f"{_fmt(match['ours_seconds'], '.0f')} s of training) with {match['static_k']} networks "
                          f"on average, trained in {_fmt(match['static_seconds'], '.0f')} s.")
+    if result.get("architectures"):
+        lines += ["", *render_architectures(result["architectures"])]
     return "\n".join(lines) + "\n"
+
+
+ARCHITECTURE_STAGES = ("ltb", "bmtas", "feature_partitioning", "retrain")
+"""The architecture evaluation's stages (``dymu compare --architectures``): the two tree searches, feature
+partitioning's trained network and the retrained trees (``stages.graph.retrain_instances``)."""
+TREE_LABELS = {"ltb": "LTB", "bmtas": "BMTAS"}
+SCRATCH_MARK = "†"
+"""Marks a tree retrained from scratch (the paper's dagger: from ImageNet, i.e. the backbone's initialisation)."""
+
+
+def architecture_label(folder: str, tree_from: dict[str, Any], init: str) -> tuple[tuple[int, float, int], str]:
+    """A retrained tree's row label in the paper's style (``ours †, c=0``: our tree for c = 0 retrained from scratch)
+    and its place in the table (LTB, BMTAS, then ours by c; anchor init before scratch)."""
+    mark = f" {SCRATCH_MARK}" if init == "scratch" else ""
+    stage = tree_from.get("stage", "")
+    init_order = 0 if init == "anchor" else 1
+    if stage in TREE_LABELS:
+        return (list(TREE_LABELS).index(stage), 0.0, init_order), f"{TREE_LABELS[stage]}{mark}"
+    if "c" in tree_from:
+        c = float(tree_from["c"])
+        return (3, c, init_order), f"ours{mark}, c={c:g}"
+    return (4, 0.0, init_order), f"{folder}{mark}"
+
+
+def architecture_rows(layout: RunLayout, config: dict[str, Any], max_batches: int | None = None,
+                      device: str = "cpu") -> dict[str, Any]:
+    """The architecture evaluation (the paper's tables 5 and 7): the single-task anchor, every retrained tree of the
+    ``retrain`` stage and feature partitioning's network, scored in one streamed pass over the test split
+    (``TaskMetricsEvaluation``: each task's torchmetrics metric and its scaled loss), with ``Delta_m`` against the
+    single-task anchor (``dymu.metrics.delta_m``, in %) and the change of inference parameters against it (%).
+
+    Returns:
+        ``tasks``, ``metric_names``, ``higher_is_better`` and ``rows`` (label, folder, tree, init, metrics, losses,
+        delta_m_percent, params, params_change_percent).
+    """
+    from dymu.metrics import delta_m
+    from lightning_modules.retrain import TaskMetricsEvaluation
+    from stages.evaluate import run_data_config, stream_test_losses
+
+    anchor = DynamicMultiTaskModel.from_checkpoint(layout.final("anchor")).anchor.eval()
+    networks: dict[Hashable, nn.Module] = {"single-task": anchor}
+    entries: list[dict[str, Any]] = [{"key": "single-task", "order": (-1, 0.0, 0), "method": "single-task",
+                                      "folder": "anchor", "tree": None, "init": None,
+                                      "params": count_parameters(anchor)}]
+    for folder, args in STAGES["retrain"].instances(config):
+        model = load_baseline(layout.final(folder))
+        order, label = architecture_label(folder.split("/", 1)[-1], args["tree_from"], args["init"])
+        networks[folder] = preference_network(model, Preference.uniform(model.n_tasks).r)
+        entries.append({"key": folder, "order": order, "method": label, "folder": folder,
+                        "tree": model.architecture().to_list(), "init": args["init"],  # type: ignore[operator]
+                        "params": model.cost()["params"]})
+    fp = load_baseline(layout.final("feature_partitioning"))
+    networks["feature_partitioning"] = preference_network(fp, Preference.uniform(fp.n_tasks).r)
+    entries.append({"key": "feature_partitioning", "order": (2, 0.0, 0), "method": "feature partitioning",
+                    "folder": "feature_partitioning", "tree": None, "init": None, "params": fp.cost()["params"]})
+
+    evaluation: dict[str, Any] = {}
+
+    def factory(tasks: Sequence[Any]) -> TaskMetricsEvaluation:
+        evaluation["tasks"] = list(tasks)
+        evaluation["module"] = TaskMetricsEvaluation(networks, tasks)
+        return evaluation["module"]
+
+    losses, _, _ = stream_test_losses(factory, run_data_config(layout.root), max_batches, device, 1,
+                                      layout.compare_dir)
+    tasks, metrics = evaluation["tasks"], evaluation["module"].metrics
+    lower = [not t.higher_is_better for t in tasks]
+    single, single_params = metrics["single-task"], entries[0]["params"]
+    rows = []
+    for entry in sorted(entries, key=lambda e: e["order"]):
+        key = entry.pop("key")
+        entry.pop("order")
+        is_single = key == "single-task"
+        rows.append({**entry, "metrics": metrics[key], "losses": losses[key],
+                     "delta_m_percent": None if is_single else 100 * delta_m(metrics[key], single, lower),
+                     "params_change_percent": None if is_single else 100 * (entry["params"] / single_params - 1)})
+    return {"tasks": [t.name for t in tasks], "metric_names": [t.metric_name for t in tasks],
+            "higher_is_better": [t.higher_is_better for t in tasks], "rows": rows}
+
+
+def render_architectures(table: dict[str, Any]) -> list[str]:
+    """The architecture evaluation's report section, in the layout of the paper's tables 5 and 7."""
+    arrows = ["↑" if h else "↓" for h in table["higher_is_better"]]
+    heads = [f"{task} {metric} {arrow}" for task, metric, arrow in zip(table["tasks"], table["metric_names"], arrows)]
+    lines = ["## Architecture evaluation (tables 5 and 7)", "",
+             "Each tree retrained on the uniform preference's objective, from the anchor's weights or from scratch "
+             f"({SCRATCH_MARK}: the backbone's initialisation; ImageNet for a pretrained backbone, the paper's dagger; "
+             "the papers of LTB and BMTAS retrain from scratch / ImageNet). Ours: the tree for the uniform preference. "
+             "Feature partitioning: its stage's trained network. Test-set metrics (torchmetrics); Delta_m and "
+             "parameters against the single-task anchor, in %.", "",
+             f"| method | {' | '.join(heads)} | Delta_m % | params % | params | tree |",
+             f"| --- | {' | '.join('---' for _ in heads)} | --- | --- | --- | --- |"]
+    for row in table["rows"]:
+        tree = " / ".join(",".join(str(p) for p in layer) for layer in row["tree"]) if row["tree"] else "-"
+        lines.append(f"| {row['method']} | {' | '.join(f'{v:.4g}' for v in row['metrics'])} | "
+                     f"{_fmt(row['delta_m_percent'], '+.2f')} | {_fmt(row['params_change_percent'], '+.1f')} | "
+                     f"{row['params']:,} | {tree} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,9 +425,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="override an entry of the run's pipeline config (e.g. a baseline's max_steps)")
     parser.add_argument("--baselines_from", default=None, metavar="P.yaml",
                         help="take the baseline sections the run's config lacks from this pipeline config")
+    parser.add_argument("--architectures", action="store_true",
+                        help="also the architecture evaluation (tables 5 and 7): train LTB, BMTAS, feature "
+                             f"partitioning and the retrained trees ({', '.join(ARCHITECTURE_STAGES)}) and score them")
     args = parser.parse_args(argv)
     result = compare_run(args.run_dir, methods=args.methods, overrides=args.overrides, subsets=args.subsets,
-                         max_batches=args.max_batches, device=args.device, baselines_from=args.baselines_from)
+                         max_batches=args.max_batches, device=args.device, baselines_from=args.baselines_from,
+                         architectures=args.architectures)
     print(render_report(result))
     print(f"[dymu compare] wrote {RunLayout(args.run_dir).compare_dir}")
     return 0

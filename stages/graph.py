@@ -134,6 +134,14 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           parents=("anchor",), module="lightning_modules.feature_partitioning:FeaturePartitionTraining",
           shared=("backbone",), seeded=True, link_input_shape=True, in_pipeline=False,
           inputs={"anchor_checkpoint": ("anchor", _anchor)}),
+    # the architecture evaluation's retrained trees (dymu compare --architectures)
+    Stage("retrain", "architecture evaluation: a found tree (ours at the uniform preference, LTB's, BMTAS's) "
+          "retrained from the anchor's weights or from scratch", parents=("anchor", "edge", "ltb", "bmtas"),
+          module="lightning_modules.retrain:TreeRetraining", shared=("backbone",), seeded=True, link_input_shape=True,
+          in_pipeline=False, repeat="stages.graph:retrain_instances",
+          inputs={"anchor_checkpoint": ("anchor", _anchor), "edge_checkpoint": ("edge", lambda lay: lay.final("edge")),
+                  "ltb_checkpoint": ("ltb", lambda lay: lay.final("ltb")),
+                  "bmtas_checkpoint": ("bmtas", lambda lay: lay.final("bmtas"))}),
 )}
 
 STATIC_COUNT = 20
@@ -154,9 +162,46 @@ def static_instances(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]
     prefs = evaluation_preferences(n, count, c=0.0, seed=seed)
     return [(f"static/p{k:02d}", {"preference": [float(v) for v in p.r]}) for k, p in enumerate(prefs)]
 
+RETRAIN_TREES = ("ours_c0", "ours_c1", "ltb", "bmtas")
+"""The trees of the architecture evaluation (DYMU's tables 5 and 7): ours at the uniform preference for c = 0 and
+c = 1 (``ours_c<c>``, read from the edge stage), and the trees LTB and BMTAS found."""
+RETRAIN_INITS = ("anchor", "scratch")
+"""Each tree is retrained from the anchor's weights and from scratch (the paper's dagger rows)."""
+
+
+def retrain_instances(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """One retraining per tree of ``retrain.trees`` (default ``RETRAIN_TREES``) and init of ``retrain.inits``
+    (default ``RETRAIN_INITS``): folders ``retrain/ours_c0_anchor``, ``retrain/ours_c0_scratch``, ...,
+    ``retrain/bmtas_scratch``, each with its ``tree_from`` (the parent stage and, for ours, ``c``; the preference
+    is the uniform one) and ``init``."""
+    section = config.get("retrain") or {}
+    trees, inits = list(section.get("trees", RETRAIN_TREES)), list(section.get("inits", RETRAIN_INITS))
+    if not trees or not inits:
+        raise ValueError(f"retrain.trees and retrain.inits must not be empty, got {trees} and {inits}")
+    bad_inits = [i for i in inits if i not in RETRAIN_INITS]
+    if bad_inits:
+        raise ValueError(f"retrain.inits must be among {list(RETRAIN_INITS)}, got {bad_inits}")
+    instances = []
+    for tree in trees:
+        if tree in ("ltb", "bmtas"):
+            tree_from: dict[str, Any] = {"stage": tree}
+        elif isinstance(tree, str) and tree.startswith("ours_c"):
+            try:
+                c = float(tree[len("ours_c"):])
+            except ValueError:
+                c = -1.0
+            if not 0.0 <= c <= 1.0:
+                raise ValueError(f"retrain.trees: {tree!r} must be ours_c<c> with c in [0, 1] (e.g. ours_c0, ours_c1)")
+            tree_from = {"stage": "edge", "c": c}
+        else:
+            raise ValueError(f"retrain.trees: unknown tree {tree!r}; use ltb, bmtas or ours_c<c> (e.g. ours_c0)")
+        instances += [(f"retrain/{tree}_{init}", {"tree_from": tree_from, "init": init}) for init in inits]
+    return instances
+
+
 PIPELINE_KEYS = ("run_dir", "seed_everything", "data", "backbone", "logger", "evaluate", "compare")
 STAGE_SECTION_KEYS = ("trainer", "model", "checkpoint", "data")
-REPEAT_KEYS = ("count",)
+REPEAT_KEYS = ("count", "trees", "inits")  # static: count; retrain: trees, inits
 
 
 def training_stages() -> list[Stage]:

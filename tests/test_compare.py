@@ -92,3 +92,61 @@ def test_static_subset_curve_against_a_hand_count():
     assert curve[2]["hv_mean"] == pytest.approx(6.0) and curve[2]["hv_std"] == 0.0
     assert curve[2]["seconds_mean"] == pytest.approx(60.0)
     assert static_subset_curve(losses, [10.0, None, 30.0], [4.0, 4.0])[2]["seconds_mean"] is None
+
+
+# ------------------------------------------------------------------ the architecture evaluation (tables 5 and 7)
+
+
+def architectures_config() -> dict:
+    config = compare_config()
+    config["ltb"] = {"trainer": tiny_trainer(2)}
+    config["bmtas"] = {"trainer": tiny_trainer(2), "data": {"batch_size": 4}}  # its 20 % split holds 6 samples
+    config["feature_partitioning"] = {"trainer": tiny_trainer(2), "model": {
+        "search_budget": 2, "es_directions": 1, "distill_steps": 2, "search_batches": 1, "score_batches": 1}}
+    config["retrain"] = {"trainer": tiny_trainer(2)}
+    return config
+
+
+@pytest.fixture(scope="module")
+def architectures_compared(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("architectures")
+    run_dir = run_pipeline(write(architectures_config(), tmp / "pipeline.yaml"), tmp / "run")
+    assert entry_point(["compare", "--run_dir", str(run_dir), "--methods", "phn", "--architectures"]) == 0
+    return run_dir
+
+
+@pytest.mark.slow
+def test_compare_architectures_writes_every_row(architectures_compared):
+    from dymu.baselines.ltb import found_architecture
+    from dymu.metrics import delta_m
+    from dymu.model import DynamicMultiTaskModel
+
+    layout = RunLayout(architectures_compared)
+    result = json.loads(layout.compare_metrics.read_text())
+    table = result["architectures"]
+    methods = [row["method"] for row in table["rows"]]
+    assert methods == ["single-task", "LTB", "LTB †", "BMTAS", "BMTAS †", "feature partitioning", "ours, c=0",
+                       "ours †, c=0", "ours, c=1", "ours †, c=1"]
+    assert table["tasks"] == ["semseg", "depth", "normals"] and table["metric_names"] == ["mIoU", "RMSE", "mean_angle"]
+    assert table["higher_is_better"] == [True, False, False]
+    rows = {row["method"]: row for row in table["rows"]}
+    single = rows["single-task"]
+    lower = [not h for h in table["higher_is_better"]]
+    for row in table["rows"][1:]:
+        assert len(row["metrics"]) == len(row["losses"]) == 3 and all(np.isfinite(row["metrics"]))
+        assert row["delta_m_percent"] == pytest.approx(100 * delta_m(row["metrics"], single["metrics"], lower))
+        assert row["params_change_percent"] == pytest.approx(100 * (row["params"] / single["params"] - 1))
+        assert row["params"] <= single["params"]  # a tree uses at most the anchor's nodes
+    # the retrained trees are the parents' trees: ours at the uniform preference, LTB's and BMTAS's found trees
+    model = DynamicMultiTaskModel.from_checkpoint(layout.final("edge"))
+    for c in (0.0, 1.0):
+        tree = model.architecture([1 / 3] * 3, c).to_list()
+        assert rows[f"ours, c={c:g}"]["tree"] == rows[f"ours †, c={c:g}"]["tree"] == tree
+    for stage, label in (("ltb", "LTB"), ("bmtas", "BMTAS")):
+        assert rows[label]["tree"] == rows[f"{label} †"]["tree"] == found_architecture(layout.final(stage)).to_list()
+    # one tree, two inits: the same network size, different weights, so different test metrics
+    assert rows["ours, c=0"]["params"] == rows["ours †, c=0"]["params"]
+    assert rows["ours, c=0"]["metrics"] != rows["ours †, c=0"]["metrics"]
+    report = layout.compare_report.read_text()
+    assert "## Architecture evaluation (tables 5 and 7)" in report and "| PHN |" in report
+    assert all(f"| {method} |" in report for method in methods)

@@ -36,7 +36,7 @@ BN_STATISTIC_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 KIND_MODULES = {"static": "dymu.baselines.static", "phn": "dymu.baselines.phn", "phn_bn": "dymu.baselines.phn_bn",
                 "ltb": "dymu.baselines.ltb", "bmtas": "dymu.baselines.bmtas",
-                "feature_partitioning": "dymu.baselines.feature_partitioning"}
+                "feature_partitioning": "dymu.baselines.feature_partitioning", "retrain": "dymu.baselines.retrain"}
 """Baseline kind (recorded in every baseline checkpoint) -> the module that defines its model."""
 
 _REGISTRY: dict[str, type[BaselineModel]] = {}

@@ -1,0 +1,137 @@
+"""Learning to Branch's figure 3 as a number: do the tree searches group the regression tasks by activation?
+
+On the Learning-to-Branch regression data (``configs/synthetic_regression.yaml``: tasks in groups by activation
+function), run the LTB and BMTAS search stages for several seeds with the stage runner (one run directory per seed
+under ``--out``), read each found tree from its checkpoint, and score the task grouping at the deepest shared layer
+(``dymu.baselines.grouping.deepest_shared_grouping``) against the true groups with the adjusted Rand index (1: the
+activations exactly; about 0: no better than chance). Prints a Markdown table and writes it, with the trees, to
+``--out``/grouping_ari.md and .json.
+
+    python docs/scripts/grouping_ari.py --seeds 0 1 2 --out runs/grouping_ari --init scratch --anchor_steps 20
+
+The searches' sections (step budgets, warm-up, temperatures, learning rates, BMTAS's resource weight) are built
+from the options below; ``--set`` overrides any entry of the pipeline config as ``dymu run --set`` does. Only the
+run seed (``seed_everything``: weights, Gumbel noise, BMTAS's split) changes between seeds; the data (its own
+``seed``) stays the same problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from dymu.baselines.grouping import adjusted_rand_index, deepest_shared_grouping, partition_labels, tree_groupings
+from dymu.baselines.ltb import found_architecture
+from stages.common import build_data
+from stages.layout import RunLayout
+from stages.runner import load_pipeline_config, run_pipeline
+
+SEARCHES = ("ltb", "bmtas")
+LABELS = {"ltb": "LTB", "bmtas": "BMTAS"}
+
+
+def trainer(steps: int) -> dict[str, Any]:
+    return {"max_steps": steps, "accelerator": "cpu", "devices": 1, "val_check_interval": steps,
+            "check_val_every_n_epoch": None, "enable_progress_bar": False, "enable_model_summary": False}
+
+
+def search_sections(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The pipeline sections of the two searches."""
+    return {
+        "ltb": {"trainer": trainer(args.ltb_steps), "checkpoint": {"every_n_train_steps": 500},
+                "model": {"init": args.init, "warmup_steps": args.ltb_steps // 10, "temperature": args.ltb_temperature,
+                          "branching_lr": args.ltb_branching_lr}},
+        "bmtas": {"trainer": trainer(args.bmtas_steps), "checkpoint": {"every_n_train_steps": 500},
+                  "model": {"init": args.init, "warmup_steps": args.bmtas_warmup, "resource_weight": args.bmtas_lambda,
+                            "arch_lr": args.bmtas_arch_lr}},
+    }
+
+
+def grouping_text(partition: tuple[tuple[int, ...], ...], names: list[str]) -> str:
+    return " ".join("{" + ",".join(names[t] for t in block) + "}" for block in partition)
+
+
+def score_tree(tree: Any, truth: list[int]) -> dict[str, Any]:
+    """The found tree's groupings, the deepest shared layer's and its adjusted Rand index against ``truth``."""
+    layer, grouping = deepest_shared_grouping(tree)
+    return {"tree": tree.to_list(), "groupings": [list(map(list, g)) for g in tree_groupings(tree)],
+            "deepest_shared_layer": layer, "grouping": [list(b) for b in grouping],
+            "ari": adjusted_rand_index(truth, partition_labels(grouping, len(truth)))}
+
+
+def render(results: list[dict[str, Any]], names: list[str], truth_groups: list[list[str]],
+           args: argparse.Namespace) -> str:
+    lines = [f"True groups: {' '.join('{' + ','.join(g) + '}' for g in truth_groups)}. Searches from "
+             f"{'scratch' if args.init == 'scratch' else 'the anchor'}; LTB {args.ltb_steps} steps (warm-up "
+             f"{args.ltb_steps // 10}, temperature {args.ltb_temperature:g}, branching lr {args.ltb_branching_lr:g}), "
+             f"BMTAS {args.bmtas_steps} steps (warm-up {args.bmtas_warmup}, resource weight {args.bmtas_lambda:g}, "
+             f"architecture lr {args.bmtas_arch_lr:g}). Layers 0-based; the heads read the last.", "",
+             "| search | seed | deepest shared layer | its grouping | ARI |", "| --- | --- | --- | --- | --- |"]
+    for r in results:
+        layer = "-" if r["deepest_shared_layer"] is None else str(r["deepest_shared_layer"])
+        lines.append(f"| {LABELS[r['search']]} | {r['seed']} | {layer} | "
+                     f"{grouping_text(tuple(map(tuple, r['grouping'])), names)} | {r['ari']:.2f} |")
+    lines += ["", "| search | mean ARI | sd | seeds |", "| --- | --- | --- | --- |"]
+    for search in SEARCHES:
+        aris = [r["ari"] for r in results if r["search"] == search]
+        if aris:
+            sd = statistics.stdev(aris) if len(aris) > 1 else 0.0
+            lines.append(f"| {LABELS[search]} | {statistics.mean(aris):.2f} | {sd:.2f} | {len(aris)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/synthetic_regression.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="runs/grouping_ari", help="one run directory per seed: <out>/seed<s>")
+    parser.add_argument("--searches", nargs="+", choices=SEARCHES, default=list(SEARCHES))
+    parser.add_argument("--init", choices=["anchor", "scratch"], default="scratch",
+                        help="the searches' initial weights (both papers search from scratch)")
+    parser.add_argument("--anchor_steps", type=int, default=None,
+                        help="the anchor stage's steps (a parent of the searches; with --init scratch only its "
+                             "config is used); default: the config's")
+    parser.add_argument("--ltb_steps", type=int, default=2000)
+    parser.add_argument("--ltb_temperature", type=float, default=50.0, help="the paper's synthetic start")
+    parser.add_argument("--ltb_branching_lr", type=float, default=1e-2)
+    parser.add_argument("--bmtas_steps", type=int, default=1500)
+    parser.add_argument("--bmtas_warmup", type=int, default=200)
+    parser.add_argument("--bmtas_lambda", type=float, default=0.2, help="BMTAS's resource weight")
+    parser.add_argument("--bmtas_arch_lr", type=float, default=0.05)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
+    args = parser.parse_args(argv)
+
+    sections = search_sections(args)
+    base = [f"{name}={json.dumps(section)}" for name, section in sections.items()]
+    if args.anchor_steps is not None:
+        base += [f"anchor.trainer.max_steps={args.anchor_steps}",
+                 f"anchor.trainer.val_check_interval={args.anchor_steps}",
+                 f"anchor.checkpoint.every_n_train_steps={args.anchor_steps}"]
+    data = build_data(load_pipeline_config(args.config)["data"])
+    names = list(data.task_names)
+    truth_groups = data.groups
+    truth = [next(g for g, group in enumerate(truth_groups) if name in group) for name in names]
+    out = Path(args.out)
+    results = []
+    for seed in args.seeds:
+        overrides = [*base, f"seed_everything={seed}", *args.overrides]
+        run_dir = run_pipeline(args.config, out / f"seed{seed}", evaluate=False, overrides=overrides,
+                               stages=tuple(args.searches))
+        for search in args.searches:
+            tree = found_architecture(RunLayout(run_dir).final(search))
+            results.append({"search": search, "seed": seed, **score_tree(tree, truth)})
+            print(f"[grouping_ari] {search} seed {seed}: tree {tree}, ARI {results[-1]['ari']:.3f}", flush=True)
+    table = render(results, names, truth_groups, args)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grouping_ari.md").write_text(table)
+    (out / "grouping_ari.json").write_text(json.dumps({"tasks": names, "true_groups": truth_groups,
+                                                       "sections": sections, "results": results}, indent=1))
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
