@@ -11,6 +11,10 @@ loss scales ``1 / L_t(anchor)`` on the validation set, the temperature schedule 
     python docs/scripts/edge_probe.py --run_dir runs/quickstart --learner free --r 0.3334,0.3333,0.3333 --c 0
     python docs/scripts/edge_probe.py --run_dir runs/quickstart --learner hypernet --train_r uniform \\
         --lambda_active 1.0 --lambda_inactive 0.1
+
+Round 12's options (docs/controllability.md): ``--c_conditioning affine`` (logits ``a(r) + c b(r)``),
+``--logit_bound B`` (``B tanh(logits / B)``), ``--c_sampling paired|stratified`` (the step's preferences get
+``c`` and ``1 - c`` in pairs, or ``c`` stratified over [0, 1]).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dymu.search_space import Architecture
 from dymu.tasks import tasks_from_config
 from dymu.training import edge_search_loss, temperature_at
 from stages.common import build_data, read_yaml
+from stages.layout import RunLayout
 
 PROBES = [[1 / 3, 1 / 3, 1 / 3], [0.5, 0.0, 0.5], [0.45, 0.1, 0.45], [0.4, 0.3, 0.3], [0.5, 0.5, 0.0]]
 
@@ -45,6 +50,17 @@ class FreeLogits(nn.Module):
 
     def forward(self, r: Tensor, c: Tensor) -> Tensor:
         return self.logits.expand(*r.shape[:-1], *self.logits.shape)
+
+
+class BoundedLogits(nn.Module):
+    """``bound * tanh(logits / bound)``: logits that cannot saturate beyond ``bound`` (``--logit_bound``)."""
+
+    def __init__(self, inner: nn.Module, bound: float) -> None:
+        super().__init__()
+        self.inner, self.bound = inner, bound
+
+    def forward(self, r: Tensor, c: Tensor) -> Tensor:
+        return self.bound * torch.tanh(self.inner(r, c) / self.bound)
 
 
 def main() -> None:
@@ -70,29 +86,22 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     run = Path(args.run_dir)
-    model = DynamicMultiTaskModel.from_checkpoint(run / "anchor" / "final.ckpt").eval().requires_grad_(False)
+    layout = RunLayout(run)
+    model = DynamicMultiTaskModel.from_checkpoint(layout.final("anchor")).eval().requires_grad_(False)
     anchor, n, n_layers = model.anchor, model.n_tasks, model.anchor.n_layers
-    data_config = read_yaml(run / "configs" / "pipeline.yaml")["data"]
+    data_config = read_yaml(layout.pipeline_config)["data"]
     data_config["init_args"]["batch_size"] = args.groups
     data = build_data(data_config)
     data.setup("fit")
     tasks = tasks_from_config(anchor.task_configs)
     scales = 1.0 / mean_task_losses(lambda x: anchor(x), list(data.val_dataloader()), tasks)
-    affinity = load_affinity(run / "affinity.json", model.tasks).float()
+    affinity = load_affinity(layout.affinity, model.tasks).float()
     regularizer = {"tau": args.tau, "lambda_active": args.lambda_active, "lambda_inactive": args.lambda_inactive,
                    "layer_weighting": args.layer_weighting}
-    learner: nn.Module = FreeLogits(n_layers, n) if args.learner == "free" else EdgeHypernet(n, n_layers, c_conditioning=args.c_conditioning)
+    learner: nn.Module = (FreeLogits(n_layers, n) if args.learner == "free"
+                          else EdgeHypernet(n, n_layers, c_conditioning=args.c_conditioning))
     if args.logit_bound is not None:
-        inner, bound = learner, args.logit_bound
-
-        class Bounded(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.inner = inner
-
-            def forward(self, r, c):
-                return bound * torch.tanh(self.inner(r, c) / bound)
-        learner = Bounded()
+        learner = BoundedLogits(learner, args.logit_bound)
     lr = args.lr if args.lr is not None else (0.05 if args.learner == "free" else 5e-3)
     optimizer = torch.optim.Adam(learner.parameters(), lr=lr)
     rng = np.random.default_rng(args.seed)
