@@ -24,6 +24,7 @@ from torch.func import functional_call
 
 from dymu.backbones.base import Backbone, Path
 from dymu.search_space import Architecture, as_architecture
+from dymu.stacked import mix_stacked, stacked_anchor_forward, stacked_sampled_forward
 from dymu.tasks import Task
 
 BNDeltas = Mapping[str, tuple[Tensor, Tensor]]
@@ -52,11 +53,7 @@ def mix_paths(paths: Sequence[Path], weights: Tensor) -> list[Path]:
     n_children = weights.shape[-2]
     mixed: list[Path] = [[paths[0][0]] for _ in range(n_children)]
     for m in range(1, len(paths[0])):
-        stacked = torch.stack([p[m] for p in paths])
-        if weights.ndim == 2:
-            combined = torch.einsum("ji,i...->j...", weights.to(stacked.dtype), stacked)
-        else:
-            combined = torch.einsum("bji,ib...->jb...", weights.to(stacked.dtype), stacked)
+        combined = mix_stacked(torch.stack([p[m] for p in paths]), weights)
         for j in range(n_children):
             mixed[j].append(combined[j])
     return mixed
@@ -139,16 +136,31 @@ def recalibrate_batchnorm(module: nn.Module, inputs: Iterable[Tensor]) -> nn.Mod
     return module.eval()
 
 
+@dataclass(frozen=True)
+class BatchNormCopies:
+    """BatchNorms of an anchor paired with their copies in a specialised net (``AnchorNet.batchnorm_copies``):
+    ``names`` in the anchor, ``sources`` and ``targets`` their ``(weight, bias)`` pairs, flattened."""
+
+    names: tuple[str, ...]
+    sources: tuple[Tensor, ...]
+    targets: tuple[Tensor, ...]
+
+
 class AnchorNet(nn.Module):
     """N streams of L blocks (each with its own single-task weights) and N heads.
 
     Args:
         backbone: how one stream is cut into blocks and how heads are built.
         tasks: the N tasks, in order.
+        stacked: run the N streams of the anchor architecture and of the sampled forward as one batched call
+            per layer (``dymu.stacked``; same outputs, gradients and BatchNorm statistics); an execution
+            choice, not part of the model's config. Off by default: on CPU it measured slower
+            (docs/performance.md).
     """
 
-    def __init__(self, backbone: Backbone, tasks: Sequence[Task]) -> None:
+    def __init__(self, backbone: Backbone, tasks: Sequence[Task], stacked: bool = False) -> None:
         super().__init__()
+        self.stacked = stacked
         if not tasks:
             raise ValueError("an anchor net needs at least one task")
         names = [t.name for t in tasks]
@@ -189,9 +201,12 @@ class AnchorNet(nn.Module):
         if samples is not None:
             outputs = self._forward_sampled(x, samples)
         else:
-            arch = (Architecture.anchor(self.n_tasks, self.n_layers) if architecture is None
-                    else self.check_architecture(architecture))
-            outputs = route(x, arch, self.node, self.heads)
+            anchor = Architecture.anchor(self.n_tasks, self.n_layers)
+            arch = anchor if architecture is None else self.check_architecture(architecture)
+            if self.stacked and arch == anchor:
+                outputs = stacked_anchor_forward(self, x)
+            else:
+                outputs = route(x, arch, self.node, self.heads)
         return dict(zip(self.task_names, outputs))
 
     def _forward_sampled(self, x: Tensor, samples: Tensor) -> list[Tensor]:
@@ -202,6 +217,8 @@ class AnchorNet(nn.Module):
             raise ValueError(f"edge samples must have shape {expected} or (batch {x.shape[0]}, *{expected}), "
                              f"got {tuple(samples.shape)}")
         layer = (lambda k: samples[:, k]) if per_sample else (lambda k: samples[k])
+        if self.stacked:
+            return stacked_sampled_forward(self, x, layer)
         paths: list[Path] = [[x, self.node(0, t)(x)] for t in range(self.n_tasks)]
         for k in range(1, self.n_layers):
             mixed = mix_paths(paths, layer(k - 1))
@@ -228,6 +245,48 @@ class AnchorNet(nn.Module):
             feats.append(per_layer)
         return feats
 
+    def batchnorm_copies(self, blocks: nn.ModuleDict) -> BatchNormCopies:
+        """The BatchNorms of this anchor's branching blocks that ``blocks`` holds copies of (used nodes keyed
+        ``"{layer}_{stream}"``, as in ``specialize``), paired with their copies."""
+        names, sources, targets = [], [], []
+        for name in batchnorm_names(self):
+            _, stream, layer, *rest = name.split(".")
+            key = f"{layer}_{stream}"
+            if key in blocks:
+                source, target = self.get_submodule(name), blocks[key].get_submodule(".".join(rest))
+                names.append(name)
+                sources += [source.weight, source.bias]
+                targets += [target.weight, target.bias]
+        return BatchNormCopies(tuple(names), tuple(sources), tuple(targets))
+
+    @torch.no_grad()
+    def bake_bn_deltas(self, blocks: nn.ModuleDict, bn_deltas: BNDeltas, copies: BatchNormCopies | None = None
+                       ) -> None:
+        """Set the affine parameters of the BatchNorm copies in ``blocks`` to this anchor's
+        ``gamma + delta_gamma`` and ``beta + delta_beta``; deltas of nodes that ``blocks`` lacks are skipped.
+        ``copies``: ``batchnorm_copies(blocks)``, if already known (a switch between preferences of one tree
+        then costs two batched tensor operations)."""
+        if copies is None:
+            unknown = set(bn_deltas) - set(batchnorm_names(self))
+            if unknown:
+                raise KeyError(f"{sorted(unknown)[:3]} are not BatchNorms of this network's branching blocks")
+            copies = self.batchnorm_copies(blocks)
+        if not copies.names:
+            return
+        if all(n in bn_deltas for n in copies.names):
+            sources, targets = list(copies.sources), list(copies.targets)
+            deltas = [d for n in copies.names for d in bn_deltas[n]]
+        else:
+            kept = [i for i, n in enumerate(copies.names) if n in bn_deltas]
+            sources = [copies.sources[2 * i + j] for i in kept for j in (0, 1)]
+            targets = [copies.targets[2 * i + j] for i in kept for j in (0, 1)]
+            deltas = [d for i in kept for d in bn_deltas[copies.names[i]]]
+        if not targets:
+            return
+        if deltas[0].dtype != targets[0].dtype or deltas[0].device != targets[0].device:
+            deltas = [d.to(t) for d, t in zip(deltas, targets)]
+        torch._foreach_copy_(targets, torch._foreach_add(sources, [d.detach() for d in deltas]))
+
     def specialize(self, architecture: Architecture | Sequence[Sequence[int]],
                    bn_deltas: BNDeltas | None = None, bn_statistics: str = "running") -> SpecializedNet:
         """A static module holding copies of only the used nodes (BN shifts baked in) and the heads.
@@ -241,15 +300,7 @@ class AnchorNet(nn.Module):
             for t in sorted(nodes):
                 blocks[f"{k}_{t}"] = copy.deepcopy(self.node(k, t))
         if bn_deltas:
-            for name, (d_gamma, d_beta) in bn_deltas.items():
-                _, stream, layer, *rest = name.split(".")
-                key = f"{layer}_{stream}"
-                if key not in blocks:
-                    continue
-                bn = blocks[key].get_submodule(".".join(rest))
-                with torch.no_grad():
-                    bn.weight.add_(d_gamma.detach().to(bn.weight))
-                    bn.bias.add_(d_beta.detach().to(bn.bias))
+            self.bake_bn_deltas(blocks, bn_deltas)
         if bn_statistics == "batch":
             use_batch_statistics(blocks)
         return SpecializedNet(blocks, copy.deepcopy(self.heads), arch, self.task_names).train(self.training)
