@@ -229,8 +229,8 @@ def run_forwarding_sigterm(command: list[str], env: dict[str, str]) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if received and code == 0:
-        code = 128 + signal.SIGTERM  # it finished while stopping: still report the stop
+    if received:
+        code = 128 + signal.SIGTERM  # however the stage ended while stopping, report the stop
     return code
 
 
