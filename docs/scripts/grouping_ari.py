@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         base += [f"anchor.trainer.max_steps={args.anchor_steps}",
                  f"anchor.trainer.val_check_interval={args.anchor_steps}",
                  f"anchor.checkpoint.every_n_train_steps={args.anchor_steps}"]
-    data = build_data(load_pipeline_config(args.config)["data"])
+    data = build_data(load_pipeline_config(args.config, list(args.overrides))["data"])  # the --set data too
     names = list(data.task_names)
     truth_groups = data.groups
     truth = [next(g for g, group in enumerate(truth_groups) if name in group) for name in names]
