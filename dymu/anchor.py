@@ -359,6 +359,17 @@ class NodeCosts:
         return {"params": params + sum(self.head_params), "flops": flops + sum(self.head_flops)}
 
 
+def cached_node_costs(anchor: AnchorNet, input_shape: Sequence[int] | None) -> NodeCosts:
+    """``node_costs`` measured once per anchor and input shape (the costs depend on shapes, not weights)."""
+    if input_shape is None:
+        raise RuntimeError("cost needs the input shape: build the model with input_shape=...")
+    cache: dict[tuple[int, ...], NodeCosts] = anchor.__dict__.setdefault("_node_costs_cache", {})
+    key = tuple(int(v) for v in input_shape)
+    if key not in cache:
+        cache[key] = node_costs(anchor, key)
+    return cache[key]
+
+
 def node_costs(anchor: AnchorNet, input_shape: Sequence[int]) -> NodeCosts:
     """Measure every node once (a node's input shape does not depend on the tree) so that the cost of
     any architecture is a sum, with no forward pass per architecture."""

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dymu.anchor import AnchorNet, BNDeltas, NodeCosts, SpecializedNet, batch_statistics, batchnorm_names, node_costs
+from dymu.anchor import AnchorNet, BNDeltas, NodeCosts, SpecializedNet, batch_statistics, batchnorm_names, cached_node_costs
 from dymu.backbones.base import Backbone, build_backbone
 from dymu.checkpoint import META_KEY, load_checkpoint, submodule_state
 from dymu.hypernets import EdgeHypernet, WeightHypernet
@@ -35,7 +35,6 @@ class DynamicMultiTaskModel(nn.Module):
         super().__init__()
         self.anchor, self.edge_hypernet, self.weight_hypernet = anchor, edge_hypernet, weight_hypernet
         self.input_shape = tuple(input_shape) if input_shape is not None else None
-        self._node_costs: NodeCosts | None = None
 
     @classmethod
     def build(cls, backbone: Backbone, tasks: Sequence[Task], edge: dict[str, int] | None = None,
@@ -144,11 +143,7 @@ class DynamicMultiTaskModel(nn.Module):
                                       bn_statistics=self.bn_statistics if deltas is not None else "running")
 
     def node_costs(self) -> NodeCosts:
-        if self._node_costs is None:
-            if self.input_shape is None:
-                raise RuntimeError("cost needs the input shape: build the model with input_shape=...")
-            self._node_costs = node_costs(self.anchor, self.input_shape)
-        return self._node_costs
+        return cached_node_costs(self.anchor, self.input_shape)
 
     def cost(self, r: Sequence[float] | Tensor | Preference, c: float | None = None) -> dict[str, int]:
         """``params`` and ``flops`` (batch 1, ``torch.utils.flop_counter``) of the pruned model for ``(r, c)``."""

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dymu.anchor import AnchorNet, NodeCosts, SpecializedNet, node_costs
+from dymu.anchor import AnchorNet, NodeCosts, SpecializedNet, cached_node_costs
 from dymu.backbones.base import Backbone
 from dymu.baselines.base import BaselineModel
 from dymu.checkpoint import META_KEY, load_checkpoint
@@ -87,7 +87,6 @@ class TreeSearchNet(BaselineModel):
         self.anchor = AnchorNet(backbone, tasks)
         n, n_layers = self.anchor.n_tasks, self.anchor.n_layers
         self.logits = nn.Parameter(torch.zeros(n_layers, n, n))
-        self._node_costs: NodeCosts | None = None
 
     def architecture(self) -> Architecture:
         """The tree the current logits select."""
@@ -103,11 +102,7 @@ class TreeSearchNet(BaselineModel):
 
     def node_costs(self) -> NodeCosts:
         """Parameters and FLOPs of every node, measured once with the flop counter."""
-        if self._node_costs is None:
-            if self.input_shape is None:
-                raise RuntimeError("cost needs the input shape: build the model with input_shape=...")
-            self._node_costs = node_costs(self.anchor, self.input_shape)
-        return self._node_costs
+        return cached_node_costs(self.anchor, self.input_shape)
 
     def forward(self, x: Tensor, r: Any = None, c: Any = None) -> dict[str, Tensor]:
         """Task outputs of the found tree (only its used nodes are computed); ``r`` and ``c`` are ignored."""
