@@ -101,7 +101,13 @@ def main() -> int:
     seconds = [train_seconds(RunLayout(layout.trial_dir(trial_name({**p, **calibration}))).final("edge"))
                for p in plan]
     per_step = max(seconds) / args.calibrate_steps
-    steps = int(min(args.max_steps, max(args.min_steps, args.edge_budget_s / per_step // 100 * 100)))
+    fits = int(args.edge_budget_s / per_step // 100 * 100)
+    if fits < args.min_steps:  # stop now rather than run trials that cannot finish in the budget
+        raise SystemExit(f"[long_edge] {len(plan)} trials at once take {per_step * 1000:.1f} ms per step: "
+                         f"{args.edge_budget_s:.0f} s fit {fits} steps, fewer than --min_steps {args.min_steps}; "
+                         f"{args.max_steps} steps need {args.max_steps * per_step / 60:.0f} min. Run fewer trials "
+                         "at once or give a larger --edge_budget_s")
+    steps = min(args.max_steps, fits)
     print(f"[long_edge] calibration: {len(plan)} trials at once, {per_step * 1000:.1f} ms per step "
           f"(slowest); edge stage {steps} steps", flush=True)
 
