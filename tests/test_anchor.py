@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from dymu.anchor import AnchorNet, batchnorm_names, count_flops, count_parameters, node_costs
+from dymu.anchor import AnchorNet, batchnorm_names, cached_node_costs, count_flops, count_parameters, node_costs
 from dymu.backbones import ConvEncoderDecoder, MLPBackbone
 from dymu.search_space import Architecture
 from dymu.tasks import make_task
@@ -145,6 +145,16 @@ def test_parameter_counts_against_hand_counts():
     # two branches after layer 0: nodes {0} at layer 0, {0, 2} at layers 1, 2
     arch = Architecture(((0, 0, 0), (0, 0, 2), (0, 0, 2)))
     assert costs.cost(arch)["params"] == 49 + 2 * 63 + 2 * 63 + 3 * head
+
+
+def test_cached_node_costs_measure_once_per_input_shape():
+    net = mlp_anchor(n=3, layers=3)
+    first = cached_node_costs(net, [5])
+    assert first == node_costs(net, (5,))
+    assert cached_node_costs(net, (5,)) is first  # the same object: no second measurement
+    assert "_node_costs_cache" not in net.state_dict() and not any("cache" in k for k in net.state_dict())
+    with pytest.raises(RuntimeError, match="input_shape"):
+        cached_node_costs(net, None)
 
 
 def test_flops_of_node_sums_equal_flop_counter_on_the_pruned_model():
