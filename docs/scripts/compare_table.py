@@ -4,7 +4,9 @@
 
 Reads each run's ``compare/metrics.json`` and prints one Markdown row per method (hypervolume over the
 single-task anchor's, uniformity, inference parameters, GFLOPs, control parameters, training time), then the
-orderings the paper claims, checked seed by seed.
+orderings the paper claims, checked seed by seed. Runs compared with ``--architectures`` also give the
+architecture evaluation (the paper's tables 5 and 7): per-task metrics, Delta_m and parameter change against
+single-task, mean ± standard deviation, and the paper's table-5 ordering checked seed by seed.
 """
 
 from __future__ import annotations
@@ -76,8 +78,8 @@ def main() -> None:
     for name, values in checks.items():
         print(f"| {name} | {', '.join('yes' if v else 'no' for v in values)} | {'yes' if all(values) else 'no'} |")
     print()
-    print("| seed | static networks to reach ours' HV (c=0, adapted; - : all K stay below it) | their training time (s) | ours' (s) | "
-          "all K static: HV, time (s) |")
+    print("| seed | static networks to reach ours' HV (c=0, adapted; - : all K stay below it) | "
+          "their training time (s) | ours' (s) | all K static: HV, time (s) |")
     print("| --- | --- | --- | --- | --- |")
     for run, res in zip(args.runs, results):
         m = res.get("static_match") or {}
@@ -85,6 +87,43 @@ def main() -> None:
         print(f"| {run} | {fmt(m.get('static_k'), 'd')} | {fmt(m.get('static_seconds'), '.0f')} | "
               f"{fmt(m.get('ours_seconds'), '.0f')} | {fmt(m.get('all_static_hypervolume'), '.4g')}, "
               f"{fmt(m.get('all_static_seconds'), '.0f')} |")
+
+
+    architectures = [res.get("architectures") for res in results]
+    if all(architectures):
+        print()
+        architecture_table(architectures)
+
+
+SIMILAR_PARAMS_PERCENT = 10.0
+"""Two trees' parameter changes (in % of single-task) within this many points count as a similar size."""
+
+
+def architecture_table(tables: list[dict]) -> None:
+    """Tables 5 and 7 over seeds, and the table-5 ordering: ours (c = 0, from the anchor) at least as good as LTB
+    (from the anchor) in Delta_m where their parameter changes are similar."""
+    first = tables[0]
+    arrows = ["↑" if h else "↓" for h in first["higher_is_better"]]
+    heads = [f"{t} {m} {a}" for t, m, a in zip(first["tasks"], first["metric_names"], arrows)]
+    print(f"| method | {' | '.join(heads)} | Delta_m % | params % |")
+    print(f"| --- | {' | '.join('---' for _ in heads)} | --- | --- |")
+    rows = [{row["method"]: row for row in table["rows"]} for table in tables]
+    for method in rows[0]:
+        per = [r[method] for r in rows if method in r]
+        metrics = [mean_sd([p["metrics"][i] for p in per], ".4g") for i in range(len(heads))]
+        print(f"| {method} | {' | '.join(metrics)} | {mean_sd([p['delta_m_percent'] for p in per], '+.2f')} | "
+              f"{mean_sd([p['params_change_percent'] for p in per], '+.1f')} |")
+    print()
+    print("| seed | ours, c=0: Delta_m %, params % | LTB: Delta_m %, params % | similar size | ours at least as good |")
+    print("| --- | --- | --- | --- | --- |")
+    for i, r in enumerate(rows):
+        ours, ltb = r.get("ours, c=0"), r.get("LTB")
+        if ours is None or ltb is None:
+            continue
+        similar = abs(ours["params_change_percent"] - ltb["params_change_percent"]) <= SIMILAR_PARAMS_PERCENT
+        print(f"| {i} | {ours['delta_m_percent']:+.2f}, {ours['params_change_percent']:+.1f} | "
+              f"{ltb['delta_m_percent']:+.2f}, {ltb['params_change_percent']:+.1f} | {'yes' if similar else 'no'} | "
+              f"{'yes' if ours['delta_m_percent'] >= ltb['delta_m_percent'] else 'no'} |")
 
 
 if __name__ == "__main__":
