@@ -29,7 +29,7 @@ def mean_sd(values: list[float | None], spec: str = ".3f") -> str:
         return "-"
     arr = np.asarray(known, dtype=float)
     sd = arr.std(ddof=1) if len(arr) > 1 else 0.0
-    return f"{format(arr.mean(), spec)} ± {format(sd, spec)}"
+    return f"{format(arr.mean(), spec)} ± {format(sd, spec.replace('+', ''))}"
 
 
 def main() -> None:
@@ -110,7 +110,7 @@ def architecture_table(tables: list[dict]) -> None:
     rows = [{row["method"]: row for row in table["rows"]} for table in tables]
     for method in rows[0]:
         per = [r[method] for r in rows if method in r]
-        metrics = [mean_sd([p["metrics"][i] for p in per], ".4g") for i in range(len(heads))]
+        metrics = [mean_sd([p["metrics"][i] for p in per], ".3f") for i in range(len(heads))]
         print(f"| {method} | {' | '.join(metrics)} | {mean_sd([p['delta_m_percent'] for p in per], '+.2f')} | "
               f"{mean_sd([p['params_change_percent'] for p in per], '+.1f')} |")
     print()
