@@ -5,11 +5,8 @@ import math
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 
-from datamodules.synthetic import SyntheticScenesDataModule
 from dymu.anchor import count_parameters, use_batch_statistics
-from dymu.backbones import ConvEncoderDecoder
 from dymu.baselines.base import BaselineModel, load_baseline, shared_network
 from dymu.baselines.phn import ParetoHypernet, chunk_size_for, phn_control_parameters
 from dymu.baselines.phn_bn import PhnBnNet
@@ -21,19 +18,14 @@ from lightning_modules.anchor import AnchorPretraining
 from lightning_modules.phn import ParetoHypernetTraining
 from lightning_modules.phn_bn import PhnBnTraining
 from lightning_modules.shared_mtl import SharedMultiTaskTraining
+from tests.small_scenes import INPUT, assert_outputs_equal, backbone, scenes
+from tests.small_scenes import fit as fit_on
 
-BACKBONE = dict(channels=(4, 6), strides=(1, 2), decoder_width=8, low_level_block=0)
 SIZES = dict(chunk_size=100, chunk_embed_dim=8, embed_dim=8, hidden=16)
-INPUT = (3, 16, 16)
 
 
 def data(**kwargs):
-    args = dict(tasks=["semseg", "depth"], num_train=16, num_val=8, num_test=4, image_size=16, batch_size=4)
-    return SyntheticScenesDataModule(**{**args, **kwargs})
-
-
-def backbone():
-    return ConvEncoderDecoder(**BACKBONE)
+    return scenes(["semseg", "depth"], **kwargs)
 
 
 def task_configs():
@@ -41,22 +33,12 @@ def task_configs():
 
 
 def fit(module, root, steps, dm=None, **kwargs):
-    trainer = Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=root,
-                      **{"limit_val_batches": 1, **kwargs})
-    trainer.fit(module, dm or data())
-    return trainer
+    return fit_on(module, root, steps, dm or data(), **kwargs)
 
 
 def save(trainer, path):
     trainer.save_checkpoint(path)
     return str(path)
-
-
-def assert_outputs_equal(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")

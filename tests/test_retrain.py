@@ -6,9 +6,8 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from datamodules.synthetic import SyntheticRegressionDataModule, SyntheticScenesDataModule
+from datamodules.synthetic import SyntheticRegressionDataModule
 from dymu.anchor import AnchorNet, count_parameters
-from dymu.backbones import ConvEncoderDecoder
 from dymu.baselines.base import load_baseline
 from dymu.baselines.grouping import (
     adjusted_rand_index,
@@ -21,24 +20,18 @@ from dymu.baselines.retrain import RetrainedTreeNet, tree_from_checkpoint
 from dymu.checkpoint import META_KEY
 from dymu.model import DynamicMultiTaskModel
 from dymu.search_space import Architecture
-from lightning_modules.anchor import AnchorPretraining
 from lightning_modules.retrain import TaskMetricsEvaluation, TreeRetraining
 from stages.graph import STAGES, retrain_instances
+from tests.small_scenes import INPUT, anchor_checkpoint, assert_outputs_equal, backbone, scenes
+from tests.small_scenes import fit as fit_on
 
-BACKBONE = dict(channels=(4, 6), strides=(1, 2), decoder_width=8, low_level_block=0)
-INPUT = (3, 16, 16)
 TASKS = ["semseg", "depth", "normals"]
 TREE = Architecture(((1, 1, 1), (1, 1, 2)))  # semseg and depth share both blocks of stream 1, normals splits off
 TREE_C1 = Architecture(((0, 0, 0), (0, 0, 0)))
 
 
 def data(**kwargs):
-    args = dict(tasks=TASKS, num_train=16, num_val=8, num_test=8, image_size=16, batch_size=4)
-    return SyntheticScenesDataModule(**{**args, **kwargs})
-
-
-def backbone():
-    return ConvEncoderDecoder(**BACKBONE)
+    return scenes(TASKS, **{"num_test": 8, **kwargs})
 
 
 def task_configs():
@@ -46,21 +39,11 @@ def task_configs():
 
 
 def fit(module, root, steps, **kwargs):
-    trainer = Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=root,
-                      **{"limit_val_batches": 1, **kwargs})
-    trainer.fit(module, data())
-    return trainer
+    return fit_on(module, root, steps, data(), **kwargs)
 
 
 def images(n=4):
     return data().dataset("val").tensors["image"][:n]
-
-
-def assert_outputs_equal(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
 def state_equal(a, b):
@@ -71,12 +54,7 @@ def state_equal(a, b):
 @pytest.fixture(scope="module")
 def anchor_ckpt(tmp_path_factory):
     """A DYMU anchor trained two steps (its BatchNorm statistics moved away from the initial ones)."""
-    root = tmp_path_factory.mktemp("anchor")
-    torch.manual_seed(0)
-    module = AnchorPretraining(backbone(), task_configs=task_configs(), input_shape=INPUT, stream_init="independent")
-    trainer = fit(module, root, steps=2, limit_val_batches=0)
-    trainer.save_checkpoint(root / "anchor.ckpt")
-    return str(root / "anchor.ckpt")
+    return anchor_checkpoint(tmp_path_factory.mktemp("anchor"), data())
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,9 @@ import itertools
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 
-from datamodules.synthetic import SyntheticScenesDataModule
 from dymu.anchor import count_parameters
-from dymu.backbones import ConvEncoderDecoder
 from dymu.baselines.base import load_baseline, shared_network
 from dymu.baselines.bmtas import (
     BmtasNet,
@@ -33,23 +31,17 @@ from dymu.baselines.feature_partitioning import (
 from dymu.baselines.ltb import LearnToBranchNet, found_architecture, ltb_temperature
 from dymu.model import DynamicMultiTaskModel
 from dymu.search_space import Architecture
-from lightning_modules.anchor import AnchorPretraining
 from lightning_modules.bmtas import BmtasSearch, linear_temperature, split_indices
 from lightning_modules.feature_partitioning import FeaturePartitionTraining
 from lightning_modules.ltb import LearnToBranchSearch
+from tests.small_scenes import INPUT, anchor_checkpoint, assert_outputs_equal, backbone, scenes
+from tests.small_scenes import fit as fit_on
 
-BACKBONE = dict(channels=(4, 6), strides=(1, 2), decoder_width=8, low_level_block=0)
-INPUT = (3, 16, 16)
 TASKS = ["semseg", "depth", "normals"]
 
 
 def data(**kwargs):
-    args = dict(tasks=TASKS, num_train=20, num_val=8, num_test=4, image_size=16, batch_size=4)
-    return SyntheticScenesDataModule(**{**args, **kwargs})
-
-
-def backbone():
-    return ConvEncoderDecoder(**BACKBONE)
+    return scenes(TASKS, **{"num_train": 20, **kwargs})
 
 
 def task_objects():
@@ -61,17 +53,7 @@ def task_configs():
 
 
 def fit(module, root, steps, dm=None, callbacks=(), **kwargs):
-    trainer = Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=root,
-                      callbacks=list(callbacks), **{"limit_val_batches": 1, **kwargs})
-    trainer.fit(module, dm or data())
-    return trainer
-
-
-def assert_outputs_equal(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    return fit_on(module, root, steps, dm or data(), callbacks, **kwargs)
 
 
 def images(n=4):
@@ -81,11 +63,7 @@ def images(n=4):
 @pytest.fixture(scope="module")
 def anchor_ckpt(tmp_path_factory):
     """A DYMU anchor (3 streams) trained two steps: the supergraph's initial weights and the teachers."""
-    root = tmp_path_factory.mktemp("anchor")
-    torch.manual_seed(0)
-    module = AnchorPretraining(backbone(), task_configs=task_configs(), input_shape=INPUT, stream_init="independent")
-    fit(module, root, steps=2, limit_val_batches=0).save_checkpoint(root / "anchor.ckpt")
-    return str(root / "anchor.ckpt")
+    return anchor_checkpoint(tmp_path_factory.mktemp("anchor"), data())
 
 
 # ------------------------------------------------------------------------------------------------- BMTAS

@@ -18,6 +18,7 @@ from dymu.backbones import ConvEncoderDecoder, MLPBackbone
 from dymu.search_space import Architecture
 from dymu.stacked import mix_stacked, stack_groups
 from dymu.tasks import make_task
+from tests.test_anchor import randomize_batchnorm
 
 TOL = 1e-5
 
@@ -42,13 +43,7 @@ def make_pair(name, dtype=torch.float64, seed=0):
     make, shape = CASES[name]
     torch.manual_seed(seed)
     net = make()
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
+    randomize_batchnorm(net)
     net = net.to(dtype)
     stacked = copy.deepcopy(net)
     stacked.stacked = True
