@@ -9,7 +9,7 @@ import pytest
 
 from dymu.metrics import hypervolume
 from stages.cli import entry_point
-from stages.compare import static_subset_curve
+from stages.compare import static_match, static_subset_curve
 from stages.layout import RunLayout
 from stages.runner import run_pipeline
 from tests.test_pipeline import CSV, tiny_config, tiny_trainer, write
@@ -80,6 +80,22 @@ def test_compare_refuses_a_run_without_baseline_settings(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no trainer settings for the stages" in err and "--baselines_from" in err
     assert not (run_dir / "anchor").exists()
+
+
+def test_static_match_compares_ours_with_the_networks_that_reach_it_or_with_all_of_them():
+    curve = [{"k": 1, "hv_mean": 0.4, "seconds_mean": 10.0}, {"k": 2, "hv_mean": 0.7, "seconds_mean": 20.0},
+             {"k": 3, "hv_mean": 0.9, "seconds_mean": 30.0}]
+
+    def match(hv, seconds):
+        return static_match([{"method": "ours, c=0", "hypervolume": hv, "train_seconds": seconds}], curve)
+
+    reached = match(0.6, 15.0)  # two networks reach 0.6 in 20 s: ours (15 s) is first
+    assert (reached["static_k"], reached["static_seconds"], reached["ours_first"]) == (2, 20.0, True)
+    assert match(0.6, 25.0)["ours_first"] is False
+    above = match(0.95, 25.0)  # all three stay below ours: ours against all of them (30 s)
+    assert (above["static_k"], above["ours_first"]) == (None, True)
+    assert match(0.95, 35.0)["ours_first"] is False
+    assert match(0.6, None)["ours_first"] is None
 
 
 def test_static_subset_curve_against_a_hand_count():

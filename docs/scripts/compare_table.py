@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from stages.compare import ours_reaches_static_first  # noqa: E402
 from stages.layout import RunLayout  # noqa: E402
 
 
@@ -62,17 +63,8 @@ def main() -> None:
     }
     for res in results:
         match = res.get("static_match") or {}
-        # the static networks' time to ours' hypervolume; when all K stay below it, ours is compared with all K
-        if match.get("static_k") is not None:
-            static_seconds = match.get("static_seconds")
-        elif match.get("all_static_hypervolume") is not None and match.get("ours_hypervolume") is not None \
-                and match["all_static_hypervolume"] < match["ours_hypervolume"]:
-            static_seconds = match.get("all_static_seconds")
-        else:
-            static_seconds = None
         checks.setdefault("ours reaches the static networks' hypervolume in less training time", []).append(
-            static_seconds is not None and match.get("ours_seconds") is not None
-            and match["ours_seconds"] < static_seconds)
+            bool(match) and ours_reaches_static_first(match) is True)
     print("| ordering | per seed | holds |")
     print("| --- | --- | --- |")
     for name, values in checks.items():
