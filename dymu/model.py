@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from dymu.anchor import AnchorNet, BNDeltas, NodeCosts, SpecializedNet, batch_statistics, batchnorm_names, cached_node_costs
 from dymu.backbones.base import Backbone, build_backbone
 from dymu.checkpoint import META_KEY, load_checkpoint, submodule_state
+from dymu.controller import MeasuredController, most_probable_tree
 from dymu.hypernets import EdgeHypernet, WeightHypernet
 from dymu.preference import Preference
 from dymu.search_space import Architecture
@@ -27,25 +28,30 @@ class DynamicMultiTaskModel(nn.Module):
         edge_hypernet: preference -> edge logits; without it every preference gives the anchor.
         weight_hypernet: preference -> BatchNorm shifts; without it the anchor's BatchNorms are used.
         input_shape: shape of one input (no batch), for ``cost``.
+        controller: the measured controller (``dymu.controller``); when present it chooses the tree of every
+            preference (exactly, from measured path losses) and the edge hypernet is its amortised copy.
     """
 
     def __init__(self, anchor: AnchorNet, edge_hypernet: EdgeHypernet | None = None,
                  weight_hypernet: WeightHypernet | None = None,
-                 input_shape: Sequence[int] | None = None) -> None:
+                 input_shape: Sequence[int] | None = None, controller: MeasuredController | None = None) -> None:
         super().__init__()
         self.anchor, self.edge_hypernet, self.weight_hypernet = anchor, edge_hypernet, weight_hypernet
+        self.controller = controller
         self.input_shape = tuple(input_shape) if input_shape is not None else None
 
     @classmethod
     def build(cls, backbone: Backbone, tasks: Sequence[Task], edge: dict[str, int] | None = None,
-              weight: dict[str, int] | None = None, input_shape: Sequence[int] | None = None
-              ) -> DynamicMultiTaskModel:
-        """Build fresh networks. ``edge`` / ``weight`` are the hypernets' size arguments (or None: absent)."""
+              weight: dict[str, int] | None = None, input_shape: Sequence[int] | None = None,
+              controller: dict[str, Any] | None = None) -> DynamicMultiTaskModel:
+        """Build fresh networks. ``edge`` / ``weight`` are the hypernets' size arguments, ``controller`` the
+        measured controller's config (or None: absent)."""
         anchor = AnchorNet(backbone, tasks)
         edge_net = EdgeHypernet(anchor.n_tasks, anchor.n_layers, **edge) if edge is not None else None
         weight_net = (WeightHypernet(anchor.n_tasks, batchnorm_names(anchor), **weight)
                       if weight is not None else None)
-        return cls(anchor, edge_net, weight_net, input_shape)
+        ctrl = MeasuredController(anchor.n_tasks, anchor.n_layers, **controller) if controller is not None else None
+        return cls(anchor, edge_net, weight_net, input_shape, ctrl)
 
     @property
     def tasks(self) -> list[str]:
@@ -60,13 +66,14 @@ class DynamicMultiTaskModel(nn.Module):
         return {"backbone": self.anchor.backbone_config, "tasks": self.anchor.task_configs,
                 "edge": self.edge_hypernet.size_args if self.edge_hypernet is not None else None,
                 "weight": self.weight_hypernet.size_args if self.weight_hypernet is not None else None,
-                "input_shape": list(self.input_shape) if self.input_shape else None}
+                "input_shape": list(self.input_shape) if self.input_shape else None,
+                "controller": self.controller.config() if self.controller is not None else None}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> DynamicMultiTaskModel:
         return cls.build(build_backbone(config["backbone"]), tasks_from_config(config["tasks"]),
                          edge=config.get("edge"), weight=config.get("weight"),
-                         input_shape=config.get("input_shape"))
+                         input_shape=config.get("input_shape"), controller=config.get("controller"))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> DynamicMultiTaskModel:
@@ -110,12 +117,26 @@ class DynamicMultiTaskModel(nn.Module):
         return self.weight_hypernet(pref.r_tensor(device=device), pref.c_tensor(device=device))
 
     @torch.no_grad()
-    def architecture(self, r: Sequence[float] | Tensor | Preference, c: float | None = None) -> Architecture:
-        """The maximum-likelihood tree for ``(r, c)``: ``argmax`` of the edge logits, no noise."""
+    def architecture(self, r: Sequence[float] | Tensor | Preference, c: float | None = None,
+                     budget: float | None = None, budget_metric: str = "params") -> Architecture:
+        """The tree for ``(r, c)``.
+
+        With a measured controller: its exact choice (``dymu.controller``). Otherwise the edge hypernet's most
+        probable tree (``argmax`` of the edge logits, no noise). ``budget`` (a fraction of the anchor's
+        ``budget_metric``, ``"params"`` or ``"flops"``) restricts either to the trees that cost at most that
+        much; a budget below the cheapest tree (one stream) is an error.
+        """
         pref = self.preference(r, c)
+        if self.controller is not None:
+            return self.controller.solve(pref.r_tensor(), pref.c, self.node_costs(), budget, budget_metric)
         if self.edge_hypernet is None:
+            if budget is not None:
+                raise ValueError("this model has no edge hypernet (an anchor-stage checkpoint): it has one tree, "
+                                 "the anchor, and no budget can be applied")
             return Architecture.anchor(self.anchor.n_tasks, self.anchor.n_layers)
-        return Architecture.from_logits(self.edge_logits(pref))
+        if budget is None:
+            return Architecture.from_logits(self.edge_logits(pref))
+        return most_probable_tree(self.edge_logits(pref), self.node_costs(), budget, budget_metric)
 
     @property
     def bn_statistics(self) -> str:
@@ -128,28 +149,36 @@ class DynamicMultiTaskModel(nn.Module):
         with batch_statistics(self.anchor) if use_batch else nullcontext():
             return self.anchor(x, architecture=architecture, bn_deltas=bn_deltas)
 
-    def forward(self, x: Tensor, r: Sequence[float] | Tensor | Preference, c: float | None = None
-                ) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, r: Sequence[float] | Tensor | Preference, c: float | None = None,
+                budget: float | None = None, budget_metric: str = "params") -> dict[str, Tensor]:
         """Task outputs for preference ``(r, c)`` (only the nodes of its tree are computed)."""
         pref = self.preference(r, c)
-        return self.run_tree(x, self.architecture(pref), self.bn_deltas(pref))
+        return self.run_tree(x, self.architecture(pref, budget=budget, budget_metric=budget_metric),
+                             self.bn_deltas(pref))
 
     @torch.no_grad()
-    def specialize(self, r: Sequence[float] | Tensor | Preference, c: float | None = None) -> SpecializedNet:
-        """A static pruned ``nn.Module`` for ``(r, c)`` whose outputs equal ``self(x, r, c)``."""
+    def specialize(self, r: Sequence[float] | Tensor | Preference, c: float | None = None,
+                   budget: float | None = None, budget_metric: str = "params") -> SpecializedNet:
+        """A static pruned ``nn.Module`` for ``(r, c)`` (within ``budget``) whose outputs equal
+        ``self(x, r, c, budget)``."""
         pref = self.preference(r, c)
         deltas = self.bn_deltas(pref)
-        return self.anchor.specialize(self.architecture(pref), deltas,
+        return self.anchor.specialize(self.architecture(pref, budget=budget, budget_metric=budget_metric), deltas,
                                       bn_statistics=self.bn_statistics if deltas is not None else "running")
 
     def node_costs(self) -> NodeCosts:
         return cached_node_costs(self.anchor, self.input_shape)
 
-    def cost(self, r: Sequence[float] | Tensor | Preference, c: float | None = None) -> dict[str, int]:
-        """``params`` and ``flops`` (batch 1, ``torch.utils.flop_counter``) of the pruned model for ``(r, c)``."""
-        return self.node_costs().cost(self.architecture(r, c))
+    def cost(self, r: Sequence[float] | Tensor | Preference, c: float | None = None, budget: float | None = None,
+             budget_metric: str = "params") -> dict[str, int]:
+        """``params`` and ``flops`` (batch 1, ``torch.utils.flop_counter``) of the pruned model for ``(r, c)``
+        (within ``budget``)."""
+        return self.node_costs().cost(self.architecture(r, c, budget=budget, budget_metric=budget_metric))
 
     def control_parameters(self) -> int:
         """Parameters of the hypernets."""
         nets = [n for n in (self.edge_hypernet, self.weight_hypernet) if n is not None]
-        return sum(p.numel() for n in nets for p in n.parameters())
+        count = sum(p.numel() for n in nets for p in n.parameters())
+        if self.controller is not None:  # its measured table and trade-off
+            count += sum(b.numel() for b in self.controller.buffers())
+        return count

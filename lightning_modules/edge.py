@@ -11,16 +11,32 @@ from torch import Tensor
 
 from dymu.affinity import load_affinity
 from dymu.backbones.base import Backbone
+from dymu.checkpoint import META_KEY
+from dymu.controller import MeasuredController, measure_path_losses, same_tree
+from dymu.search_space import Architecture
 from dymu.preference import Preference
 from dymu.regularizer import layer_weights
 from dymu.training import edge_search_loss, temperature_at
 from lightning_modules.base import PreferenceStage, default_optimizer
 
 
+SEARCHES = ("gumbel", "measured")
+
+
 class EdgeHypernetSearch(PreferenceStage):
-    """Learns ``h: (r, c) -> log alpha`` with the task loss ``L_task(r)`` plus the regularizer Omega.
+    """Learns ``h: (r, c) -> log alpha`` with the task loss ``L_task(r)`` plus the regularizer Omega
+    (``search: gumbel``, the paper's), or measures the controller that chooses trees exactly and distils it into
+    ``h`` (``search: measured``, ``dymu.controller``).
 
     Args:
+        search: ``"gumbel"``: the paper's Gumbel-softmax search (every argument below). ``"measured"``: at the
+            start of training every path's validation loss is measured (needs ``N ** L <= 4096``), the
+            controller's trade-off is calibrated (``median_break_even``) and the model chooses every tree with
+            it; the training steps fit the edge hypernet to the controller's trees (cross-entropy of the used
+            children's parents), its amortised copy. The regularizer arguments do not apply.
+        base_frugality: the controller's gamma: ``mu(c) = lambda * (gamma + (1 - gamma) c)``.
+        cost_metric: what the controller's cost term counts, ``"params"`` or ``"flops"``.
+        median_break_even: the ``c`` at which the median sharing step of the calibration breaks even.
         anchor_checkpoint: the anchor stage's checkpoint (its ``final.ckpt``).
         affinity: path of the RSA affinity JSON computed from that anchor.
         task_configs: task configs (linked from the data module); must match the anchor's.
@@ -61,8 +77,9 @@ class EdgeHypernetSearch(PreferenceStage):
                  use_affinity: bool = True, task_dichotomy: bool = True, use_inactive: bool = True,
                  straight_through: bool = True, embed_dim: int = 32, hidden: int = 100,
                  optimizer: OptimizerCallable = default_optimizer,
-                 lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0, val_preferences: int = 4
-                 ) -> None:
+                 lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0, val_preferences: int = 4,
+                 search: str = "gumbel", base_frugality: float = 0.1, cost_metric: str = "params",
+                 median_break_even: float = 0.5) -> None:
         super().__init__(optimizer, lr_scheduler, dirichlet_eta, seed, val_preferences, preference_groups,
                          loss_scales)
         # seed: not a hyperparameter to log (the data module has its own `seed`, and loggers refuse two values)
@@ -74,6 +91,15 @@ class EdgeHypernetSearch(PreferenceStage):
             edge_args["c_conditioning"] = c_conditioning
         self.build_on_parent(anchor_checkpoint, task_configs, backbone, "edge", edge_args)
         n = self.model.n_tasks
+        if search not in SEARCHES:
+            raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+        self.search, self.median_break_even = search, median_break_even
+        self.calibration: dict[str, Any] | None = None
+        if search == "measured":
+            if self.model.input_shape is None:
+                raise ValueError("search: measured needs the anchor's input shape (for the costs): retrain the anchor "
+                                 "with this version")
+            self.model.controller = MeasuredController(n, self.model.anchor.n_layers, base_frugality, cost_metric)
         self.tau = 0.6 / n if tau is None else float(tau)
         if temperature <= 0 or not 0 < temperature_decay <= 1 or (temperature_every is not None
                                                                    and temperature_every < 1):
@@ -99,7 +125,47 @@ class EdgeHypernetSearch(PreferenceStage):
         return temperature_at(self.global_step, total, self.temperature0, self.temperature_decay,
                               self.temperature_every)
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.search == "measured":
+            self.measure_controller()
+
+    @torch.no_grad()
+    def measure_controller(self) -> None:
+        """Every path's validation losses (summed over DDP processes), then the calibrated trade-off."""
+        datamodule = self.trainer.datamodule
+        if datamodule is None:
+            raise ValueError("search: measured needs a data module with a validation set")
+        sums, supports = measure_path_losses(self.model.anchor, self.tasks, datamodule.val_dataloader(),
+                                             self.device)
+        sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").cpu()
+        supports = self.trainer.strategy.reduce(supports.to(self.device), reduce_op="sum").cpu()
+        controller = self.model.controller
+        controller.set_measurement(sums.double(), supports.double())
+        self.calibration = controller.calibrate(self.model.node_costs(), self.median_break_even)
+        if self.trainer.is_global_zero:
+            quartiles = ", ".join(f"{v:.2f}" for v in self.calibration["break_even_c_quartiles"])
+            print(f"[dymu] edge: measured {controller.path_loss_sums.shape[0]} paths; trade-off lambda "
+                  f"{self.calibration['trade_off']:.4g}, sharing steps break even at c = {quartiles} (quartiles)")
+
+    def distillation_step(self) -> Tensor:
+        """Cross-entropy of the edge hypernet's parent choices against the controller's trees (used children
+        only: the others do not change the tree)."""
+        from dymu.controller import Trees
+        from dymu.training import preference_tensors
+
+        r, c = preference_tensors(self.training_preferences(), self.device)
+        targets = self.model.controller.solve_many(r.cpu(), c.cpu(), self.model.node_costs()).to(self.device)
+        logits = self.model.edge_hypernet(r, c)  # (G, L, N, N)
+        used = Trees(targets.cpu()).children.to(self.device)
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none")
+        loss = (nll * used.flatten()).sum() / used.sum()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        if self.search == "measured":
+            return self.distillation_step()
         temperature = self.temperature()
         out = edge_search_loss(self.model.anchor, self.model.edge_hypernet, self.tasks, self.scales, batch,
                                self.training_preferences(), temperature, self.affinity, self.regularizer,
@@ -114,3 +180,16 @@ class EdgeHypernetSearch(PreferenceStage):
     def preference_forward(self, x: Tensor, pref: Preference) -> dict[str, Tensor]:
         with torch.no_grad():
             return self.model.anchor(x, architecture=self.model.architecture(pref))
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self.search == "measured" and self.model.controller.supports.sum() > 0:
+            prefs = self.validation_preferences()
+            agree = [same_tree(Architecture.from_logits(self.model.edge_logits(p)), self.model.architecture(p))
+                     for p in prefs]
+            self.log("val/hypernet_agreement", sum(agree) / len(agree))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.calibration is not None:
+            checkpoint[META_KEY]["calibration"] = self.calibration
