@@ -83,7 +83,7 @@ def count_trees(n_tasks: int, n_layers: int) -> int:
     """The number of distinct trees (parent choices of the used children only): ``f(L, N)`` with
     ``f(0, u) = 1`` and ``f(m, u) = sum_v S(u, v) * N! / (N - v)! * f(m - 1, v)`` (u used children choose v
     distinct parents; S is the Stirling number of the second kind)."""
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def stirling(u: int, v: int) -> int:
         if u == v:
             return 1
@@ -91,7 +91,7 @@ def count_trees(n_tasks: int, n_layers: int) -> int:
             return 0
         return v * stirling(u - 1, v) + stirling(u - 1, v - 1)
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def f(m: int, u: int) -> int:
         if m == 0:
             return 1
@@ -390,24 +390,25 @@ def candidate_trees(task_loss: Objective, costs: CostModel, n_tasks: int, n_laye
 
 
 def calibrate_trade_off(scaled_losses: Tensor, costs: CostModel, base_frugality: float,
-                        median_break_even: float = 0.5, method: str = "auto") -> dict[str, Any]:
-    """``lambda`` such that the sharing decisions of the calibration preferences break even across ``c``,
-    their median at ``c = median_break_even``.
+                        floor_break_even: float = 0.9, method: str = "auto") -> dict[str, Any]:
+    """``lambda`` such that the uniform preference's sharing steps spread over ``(0, 1)``: its last step, down
+    to the cheapest tree, breaks even at ``c = floor_break_even``.
 
-    For each calibration preference (``calibration_preferences``) the trees that are optimal for some
-    trade-off ``mu`` form a path from the most accurate tree to the cheapest (``lagrangian_path``); step i
-    pays from ``mu_i`` on. With ``mu(c) = lambda * (gamma + (1 - gamma) c)`` its break-even ``c`` is
-    ``(mu_i / lambda - gamma) / (1 - gamma)``; ``lambda`` puts the median step at ``median_break_even``.
+    For a preference, the trees that are optimal for some trade-off ``mu`` form a path from its most accurate
+    tree to the cheapest (``lagrangian_path``); step i pays from ``mu_i`` on. With
+    ``mu(c) = lambda * (gamma + (1 - gamma) c)`` its break-even ``c`` is ``(mu_i / lambda - gamma) / (1 - gamma)``.
+    If the uniform preference's most accurate tree is already the cheapest (no step), the median step of the
+    calibration preferences (``calibration_preferences``) breaks even at ``c = 0.5`` instead.
 
-    Returns ``trade_off`` (lambda), the break-even ``c`` of every step (quartiles, and the uniform
-    preference's own) and the settings.
+    Returns ``trade_off`` (lambda), the break-even ``c`` of every calibration preference's steps (quartiles) and
+    of the uniform preference's, and the settings.
     """
-    if not 0 < median_break_even <= 1:
-        raise ValueError(f"median_break_even must be in (0, 1], got {median_break_even}")
+    if not 0 < floor_break_even <= 1:
+        raise ValueError(f"floor_break_even must be in (0, 1], got {floor_break_even}")
     n = scaled_losses.shape[1]
     n_layers = round(math.log(scaled_losses.shape[0], n)) if n > 1 else 1
     columns = torch.arange(n)
-    prefs = calibration_preferences(n)
+    prefs = calibration_preferences(n)  # the uniform one first
     steps: list[list[float]] = []
     for r in prefs:
         def task_loss(trees: Trees, r: Tensor = r) -> Tensor:
@@ -415,18 +416,22 @@ def calibrate_trade_off(scaled_losses: Tensor, costs: CostModel, base_frugality:
         trees = candidate_trees(task_loss, costs, n, n_layers, method)
         steps.append(lagrangian_path(task_loss(trees), costs(trees))[1])
     every = torch.tensor([mu for s in steps for mu in s], dtype=torch.float64)
-    median = float(torch.quantile(every, 0.5)) if every.numel() else 0.0
-    if median <= 0:
-        raise ValueError("calibration: no preference gains from a cheaper tree's lower loss, so no trade-off can be "
-                         "calibrated; the anchor's streams are not specialised (train the anchor longer)")
-    lam = median / (base_frugality + (1 - base_frugality) * median_break_even)
+    if steps[0] and steps[0][-1] > 0:
+        lam, rule = steps[0][-1] / (base_frugality + (1 - base_frugality) * floor_break_even), "uniform floor"
+    else:
+        median = float(torch.quantile(every, 0.5)) if every.numel() else 0.0
+        if median <= 0:
+            raise ValueError("calibration: no preference gains from a cheaper tree's lower loss, so no trade-off can be "
+                             "calibrated; the anchor's streams are not specialised (train the anchor longer)")
+        lam, rule = median / (base_frugality + (1 - base_frugality) * 0.5), "median"
 
     def break_even(mu: float) -> float:
         return (mu / lam - base_frugality) / (1 - base_frugality)
 
-    quartiles = torch.quantile(every, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
-    return {"trade_off": lam, "base_frugality": base_frugality, "cost_metric": costs.metric,
-            "median_break_even": median_break_even, "preferences": len(prefs), "steps": int(every.numel()),
+    quartiles = (torch.quantile(every, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+                 if every.numel() else [])
+    return {"trade_off": lam, "rule": rule, "base_frugality": base_frugality, "cost_metric": costs.metric,
+            "floor_break_even": floor_break_even, "preferences": len(prefs), "steps": int(every.numel()),
             "break_even_c_quartiles": [break_even(q) for q in quartiles],
             "uniform_break_even_c": [break_even(mu) for mu in steps[0]]}
 
@@ -475,10 +480,10 @@ class MeasuredController(nn.Module):
         anchor = losses[anchor_path_rows(self.n_tasks, self.n_layers), torch.arange(self.n_tasks)]
         return losses / anchor.clamp_min(1e-300)
 
-    def calibrate(self, node_costs: Any, median_break_even: float = 0.5) -> dict[str, Any]:
+    def calibrate(self, node_costs: Any, floor_break_even: float = 0.9) -> dict[str, Any]:
         """Set ``trade_off`` (``calibrate_trade_off``) and return the calibration's record."""
         record = calibrate_trade_off(self.scaled_losses(), CostModel.create(node_costs, self.cost_metric),
-                                     self.base_frugality, median_break_even, self.search)
+                                     self.base_frugality, floor_break_even, self.search)
         self.trade_off.fill_(record["trade_off"])
         return record
 

@@ -119,9 +119,11 @@ class Evaluated:
     architecture: Architecture
 
     @classmethod
-    def create(cls, model: DynamicMultiTaskModel, variant: Variant, preference: Preference) -> Evaluated:
+    def create(cls, model: DynamicMultiTaskModel, variant: Variant, preference: Preference,
+               budget: float | None = None, budget_metric: str = "params") -> Evaluated:
+        """``budget``: the tree within that fraction of the anchor's ``budget_metric`` (``model.architecture``)."""
         arch = (Architecture.anchor(model.n_tasks, model.anchor.n_layers) if variant == ANCHOR
-                else model.architecture(preference))
+                else model.architecture(preference, budget=budget, budget_metric=budget_metric))
         return cls(variant, preference, arch)
 
     @property
@@ -129,7 +131,7 @@ class Evaluated:
         """The configuration whose losses these are: without adaptation they depend only on the tree (the
         anchor is the tree of N separate streams), with adaptation on the preference."""
         if self.variant == ADAPTED:
-            return ("adapted", self.preference)
+            return ("adapted", self.preference, self.architecture)
         if self.variant == RECALIBRATED:
             return ("recalibrated", self.architecture)
         return ("tree", self.architecture)

@@ -36,6 +36,12 @@ class AnchorPretraining(StageModule):
         shared_warmup_steps: first train one shared backbone (stream 0, all heads) for this many steps
             and then copy it into every stream: a stand-in for pretraining where no pretrained weights
             exist (the synthetic data). Streams that start unrelated cannot feed each other's blocks.
+        random_tree_weight: after the warm-up, every step adds this weight times the task losses of a random
+            tree (every parent drawn uniformly, from a generator seeded by the step) to the N streams' own
+            losses, so that a block keeps accepting the other streams' features and a head the other streams'
+            last block: the trees cut out of the anchor keep the streams' accuracy (docs/controllability.md,
+            "Streams that can feed each other"). 0: the paper's separate single-task training. Costs a
+            second forward per step.
     """
 
     stage_name = "anchor"
@@ -44,7 +50,8 @@ class AnchorPretraining(StageModule):
                  input_shape: Sequence[int] | None = None, optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: LRSchedulerCallable | None = None,
                  single_task_checkpoints: dict[str, str] | None = None, stream_init: str = "shared",
-                 pretrained: str | None = None, shared_warmup_steps: int = 0) -> None:
+                 pretrained: str | None = None, shared_warmup_steps: int = 0,
+                 random_tree_weight: float = 0.0) -> None:
         super().__init__(optimizer, lr_scheduler)
         if task_configs is None:
             raise ValueError("AnchorPretraining needs the tasks: link them from the data module (the CLI does)")
@@ -58,6 +65,9 @@ class AnchorPretraining(StageModule):
         if shared_warmup_steps < 0:
             raise ValueError(f"shared_warmup_steps must be >= 0, got {shared_warmup_steps}")
         self.shared_warmup_steps, self.pretrained = shared_warmup_steps, pretrained
+        if random_tree_weight < 0:
+            raise ValueError(f"random_tree_weight must be >= 0, got {random_tree_weight}")
+        self.random_tree_weight = random_tree_weight
         self.single_task_checkpoints = dict(single_task_checkpoints or {})
         unknown = set(self.single_task_checkpoints) - set(self.model.tasks)
         if unknown:
@@ -114,12 +124,23 @@ class AnchorPretraining(StageModule):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self.model.anchor(x)
 
+    def random_tree(self) -> Architecture:
+        """The random tree of this step: every parent uniform, from a generator seeded by the step (the same
+        on every DDP process and after resuming)."""
+        anchor = self.model.anchor
+        generator = torch.Generator().manual_seed(1_000_003 * self.global_step + 17)
+        return Architecture.random(anchor.n_tasks, anchor.n_layers, generator=generator)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         anchor = self.model.anchor
-        shared = (Architecture.shared(anchor.n_tasks, anchor.n_layers)
-                  if self.global_step < self.shared_warmup_steps else None)
+        warmup = self.global_step < self.shared_warmup_steps
+        shared = Architecture.shared(anchor.n_tasks, anchor.n_layers) if warmup else None
         losses = self.losses(anchor(batch["image"], architecture=shared), batch)
         loss = (self.scales * losses).sum()
+        if self.random_tree_weight > 0 and not warmup:
+            tree_losses = self.losses(anchor(batch["image"], architecture=self.random_tree()), batch)
+            loss = loss + self.random_tree_weight * (self.scales * tree_losses).sum()
+            self.log("train/random_tree_loss", (self.scales * tree_losses).sum())
         self.log("train/loss", loss, prog_bar=True)
         self.log_task_losses("train", losses)
         return loss

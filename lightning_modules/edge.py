@@ -13,12 +13,11 @@ from dymu.affinity import load_affinity
 from dymu.backbones.base import Backbone
 from dymu.checkpoint import META_KEY
 from dymu.controller import MeasuredController, measure_path_losses, same_tree
-from dymu.search_space import Architecture
 from dymu.preference import Preference
 from dymu.regularizer import layer_weights
+from dymu.search_space import Architecture
 from dymu.training import edge_search_loss, temperature_at
 from lightning_modules.base import PreferenceStage, default_optimizer
-
 
 SEARCHES = ("gumbel", "measured")
 
@@ -31,12 +30,13 @@ class EdgeHypernetSearch(PreferenceStage):
     Args:
         search: ``"gumbel"``: the paper's Gumbel-softmax search (every argument below). ``"measured"``: at the
             start of training every path's validation loss is measured (needs ``N ** L <= 4096``), the
-            controller's trade-off is calibrated (``median_break_even``) and the model chooses every tree with
+            controller's trade-off is calibrated (``floor_break_even``) and the model chooses every tree with
             it; the training steps fit the edge hypernet to the controller's trees (cross-entropy of the used
             children's parents), its amortised copy. The regularizer arguments do not apply.
         base_frugality: the controller's gamma: ``mu(c) = lambda * (gamma + (1 - gamma) c)``.
         cost_metric: what the controller's cost term counts, ``"params"`` or ``"flops"``.
-        median_break_even: the ``c`` at which the median sharing step of the calibration breaks even.
+        floor_break_even: the ``c`` at which the uniform preference's last sharing step (down to the cheapest
+            tree) breaks even (``dymu.controller.calibrate_trade_off``).
         anchor_checkpoint: the anchor stage's checkpoint (its ``final.ckpt``).
         affinity: path of the RSA affinity JSON computed from that anchor.
         task_configs: task configs (linked from the data module); must match the anchor's.
@@ -79,7 +79,7 @@ class EdgeHypernetSearch(PreferenceStage):
                  optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0, val_preferences: int = 4,
                  search: str = "gumbel", base_frugality: float = 0.1, cost_metric: str = "params",
-                 median_break_even: float = 0.5) -> None:
+                 floor_break_even: float = 0.9) -> None:
         super().__init__(optimizer, lr_scheduler, dirichlet_eta, seed, val_preferences, preference_groups,
                          loss_scales)
         # seed: not a hyperparameter to log (the data module has its own `seed`, and loggers refuse two values)
@@ -93,7 +93,7 @@ class EdgeHypernetSearch(PreferenceStage):
         n = self.model.n_tasks
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
-        self.search, self.median_break_even = search, median_break_even
+        self.search, self.floor_break_even = search, floor_break_even
         self.calibration: dict[str, Any] | None = None
         if search == "measured":
             if self.model.input_shape is None:
@@ -142,7 +142,7 @@ class EdgeHypernetSearch(PreferenceStage):
         supports = self.trainer.strategy.reduce(supports.to(self.device), reduce_op="sum").cpu()
         controller = self.model.controller
         controller.set_measurement(sums.double(), supports.double())
-        self.calibration = controller.calibrate(self.model.node_costs(), self.median_break_even)
+        self.calibration = controller.calibrate(self.model.node_costs(), self.floor_break_even)
         if self.trainer.is_global_zero:
             quartiles = ", ".join(f"{v:.2f}" for v in self.calibration["break_even_c_quartiles"])
             print(f"[dymu] edge: measured {controller.path_loss_sums.shape[0]} paths; trade-off lambda "

@@ -19,7 +19,9 @@ import torch
 from lightning.pytorch import Trainer
 
 from dymu.evaluation import (
+    ADAPTED,
     ANCHOR,
+    TREE,
     Evaluated,
     controllability_grid,
     cost_summary,
@@ -132,10 +134,26 @@ def stream_test_losses(module_factory: Callable[[Sequence[Task]], StreamedLosses
             trainer.is_global_zero)
 
 
+def controller_record(layout: RunLayout) -> dict[str, Any] | None:
+    """The measured controller's calibration, recorded in the edge stage's checkpoint (None without one)."""
+    from dymu.checkpoint import META_KEY, load_checkpoint
+
+    path = layout.final("edge")
+    return load_checkpoint(path)[META_KEY].get("calibration") if path.is_file() else None
+
+
+def compare_rows(layout: RunLayout) -> list[dict[str, Any]]:
+    """The baselines of ``dymu compare`` (their hypervolume ratio and parameters) when the run has them."""
+    if not layout.compare_metrics.is_file():
+        return []
+    rows = json.loads(layout.compare_metrics.read_text()).get("rows", [])
+    return [r for r in rows if not str(r.get("method", "")).startswith("ours") and r.get("hv_ratio") is not None]
+
+
 def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_preferences: int = 1000,
                  seed: int = 0, reference_point: Sequence[float] | None = None,
                  max_batches: int | None = None, device: str = "cpu", recalibrate_batches: int = 0,
-                 devices: int = 1) -> dict[str, Any]:
+                 devices: int = 1, budgets: Sequence[float] = (), budget_metric: str = "params") -> dict[str, Any]:
     """Evaluate a run directory and write ``evaluation/metrics.json``, ``evaluation/report.md`` and the
     report's figures (``evaluation/resource_usage.png``, ``evaluation/marginal_controllability.png``).
 
@@ -154,6 +172,9 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
         recalibrate_batches: if > 0, add the method "dymu, recalibrated BN": each tree without adaptation,
             its BatchNorm statistics re-estimated on this many training batches.
         devices: processes (DDP when > 1); each tests its own shard and the sums are added.
+        budgets: fractions of the anchor's ``budget_metric`` (``params`` or ``flops``): for each, the evaluation
+            preferences' trees at ``c = 0`` within that budget, scored like the others (records with ``budget``),
+            and ``cost_accuracy.png``: hypervolume against cost.
 
     Returns:
         The result written to ``metrics.json`` (on the main process; other DDP processes get ``{}`` and write
@@ -169,10 +190,16 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
     if reference_point is not None and len(reference_point) != n:
         raise ValueError(f"reference_point has {len(reference_point)} entries, the model has {n} tasks")
 
+    budgets = [float(b) for b in budgets]
     variants = protocol_variants(model, recalibrate=recalibrate_batches > 0)
-    evaluated = {(c, variant): [Evaluated.create(model, variant, p)
-                                for p in evaluation_preferences(n, num_preferences, c=c, seed=seed)]
+    evaluated = {(c, variant, None): [Evaluated.create(model, variant, p)
+                                      for p in evaluation_preferences(n, num_preferences, c=c, seed=seed)]
                  for c in (0.0, 1.0) for variant in variants}
+    for budget in budgets:  # checked (a clear error) before any test batch runs
+        for variant in (v for v in variants if v in (TREE, ADAPTED)):
+            evaluated[(0.0, variant, budget)] = [
+                Evaluated.create(model, variant, p, budget, budget_metric)
+                for p in evaluation_preferences(n, num_preferences, c=0.0, seed=seed)]
     calibration = training_images(data_config, recalibrate_batches, seed) if recalibrate_batches > 0 else None
     items = [item for group in evaluated.values() for item in group]
     losses, num_samples, main_process = stream_test_losses(
@@ -182,15 +209,26 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
         return {}
 
     anchor_arch = Architecture.anchor(n, model.anchor.n_layers)
-    anchor_losses = list(losses[evaluated[(0.0, ANCHOR)][0].key])
+    anchor_losses = list(losses[evaluated[(0.0, ANCHOR, None)][0].key])
     ref_source = "configured"
     if reference_point is None:
         reference_point, ref_source = [2.0 * v for v in anchor_losses], "2 x single-task anchor losses"
     records: list[dict[str, Any]] = []
-    for (c, variant), items in evaluated.items():
+    budget_records: list[dict[str, Any]] = []
+    for (c, variant, budget), items in evaluated.items():
         recs = preference_records(model, items, losses)
-        records.append({"method": variant.method, "adaptation": variant.adaptation, "c": c,
-                        **front_summary(recs, reference_point), "preferences": recs})
+        record = {"method": variant.method, "adaptation": variant.adaptation, "c": c,
+                  **front_summary(recs, reference_point), "preferences": recs}
+        if budget is None:
+            records.append(record)
+        else:
+            anchor = model.node_costs().cost(anchor_arch)[budget_metric]
+            fractions = [r[budget_metric] / anchor for r in recs]
+            budget_records.append({"budget": budget, "budget_metric": budget_metric, **record,
+                                   "max_fraction": max(fractions), "mean_fraction": float(np.mean(fractions)),
+                                   "within_budget": all(f <= budget + 1e-9 for f in fractions)})
+    anchor_records = [r for r in records if r["method"] == ANCHOR.method]
+    budget_records = with_hypervolume_ratios(anchor_records + budget_records)[len(anchor_records):]
 
     anchor_cost = model.node_costs().cost(anchor_arch)
     cost_prefs = cost_preferences(n, num_cost_preferences, seed=seed)
@@ -213,9 +251,11 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
         "inference_cost": costs,
         "controllability": controllability_grid(model),
         "records": with_hypervolume_ratios(records),
+        "budget_records": budget_records,
+        "controller": controller_record(layout),
     }
     layout.evaluation_dir.mkdir(parents=True, exist_ok=True)
-    result["plots"] = write_plots(model, result, layout.evaluation_dir)
+    result["plots"] = write_plots(model, result, layout.evaluation_dir, compare_rows(layout))
     layout.metrics.write_text(json.dumps(result, indent=1))
     layout.report.write_text(render_report(result))
     print(render_report(result))
@@ -263,6 +303,28 @@ def render_report(result: dict[str, Any]) -> str:
             f"{row['params'][c]:,} (`{row['architecture'][c]}`)" for c in cs) + " |")
     lines += ["", "Trees are written `parents of layer 1 | ... | parents of the heads`, one stream index per "
               "task.", ""]
+    if result.get("budget_records"):
+        metric = result["budget_records"][0]["budget_metric"]
+        lines += ["## Budgets", "",
+                  f"The evaluation preferences' trees at c = 0 within a budget B (a fraction of the anchor's {metric}).",
+                  "", f"| budget B | BN adaptation | HV / anchor's | uniformity | mean {metric} / anchor's | "
+                  "largest / anchor's | all within B |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for rec in result["budget_records"]:
+            ratio = rec.get("hypervolume_ratio")
+            lines.append(f"| {rec['budget']:g} | {'yes' if rec['adaptation'] else 'no'} | "
+                         f"{'-' if ratio is None else f'{ratio:.3f}'} | {rec['uniformity']:.4f} | "
+                         f"{rec['mean_fraction']:.3f} | {rec['max_fraction']:.3f} | "
+                         f"{'yes' if rec['within_budget'] else 'NO'} |")
+        lines.append("")
+    calibration = result.get("controller")
+    if calibration:
+        quartiles = ", ".join(f"{v:.2f}" for v in calibration["break_even_c_quartiles"])
+        uniform = ", ".join(f"{v:.2f}" for v in calibration["uniform_break_even_c"]) or "none"
+        lines += ["## Controller", "",
+                  f"Measured controller (docs/controllability.md): trade-off lambda = {calibration['trade_off']:.4g}, "
+                  f"base frugality gamma = {calibration['base_frugality']:g}, cost = {calibration['cost_metric']}. "
+                  f"Over {calibration['preferences']} calibration preferences, the {calibration['steps']} sharing "
+                  f"steps break even at c = {quartiles} (quartiles); the uniform preference's at c = {uniform}.", ""]
     plots = result.get("plots") or {}
     captions = {
         "resource_usage": "used-parameter fraction of the pruned model (of the anchor's) over the task simplex, "
@@ -270,12 +332,26 @@ def render_report(result: dict[str, Any]) -> str:
         "marginal_controllability": "each task's scaled test loss against its own preference r_t, c in {0, 1}, "
                                     "with and without adaptation; dashed: the single-task anchor (the paper's "
                                     "figure 7)",
+        "cost_accuracy": "hypervolume over the anchor's against mean parameters over the anchor's: dymu at c = 0 "
+                         "and 1, within each budget, and the baselines of `dymu compare` when the run has them",
     }
     if plots:
         lines += ["## Figures", ""]
         for name, file in plots.items():
             lines += [f"- `{file}`: {captions.get(name, name)}.", "", f"![{name}]({file})", ""]
     return "\n".join(lines)
+
+
+def budget_list(text: str) -> list[float]:
+    """``--budgets 1,0.8,0.6``: the fractions, each in (0, 1]."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budgets must be comma-separated numbers like 1,0.8,0.6, got {text!r}") \
+            from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"budgets must be fractions of the anchor's cost in (0, 1], got {text!r}")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: the whole test split (per process under DDP)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:<index> (default: cuda if available)")
     parser.add_argument("--devices", type=int, default=None, help="processes, DDP when > 1 (default 1)")
+    parser.add_argument("--budgets", type=budget_list, default=None,
+                        help="comma-separated fractions of the anchor's cost, e.g. 1,0.8,0.6,0.5: also the trees "
+                             "within each budget (c = 0), and cost_accuracy.png")
+    parser.add_argument("--budget_metric", choices=["params", "flops"], default=None, help="default params")
     parser.add_argument("--recalibrate_batches", type=int, default=None,
                         help="also evaluate each tree with BatchNorm statistics re-estimated on K training batches")
     args = parser.parse_args(argv)

@@ -26,7 +26,8 @@ from dymu.model import DynamicMultiTaskModel
 from dymu.preference import Preference
 from dymu.search_space import Architecture
 
-PLOT_FILES = {"resource_usage": "resource_usage.png", "marginal_controllability": "marginal_controllability.png"}
+PLOT_FILES = {"resource_usage": "resource_usage.png", "marginal_controllability": "marginal_controllability.png",
+              "cost_accuracy": "cost_accuracy.png"}
 """File names of the figures ``write_plots`` puts beside ``report.md``."""
 
 RESOURCE_CS = (0.0, 0.5, 1.0)
@@ -269,9 +270,61 @@ def plot_marginal_controllability(result: dict[str, Any], path: str | Path, cs: 
     return path
 
 
-def write_plots(model: DynamicMultiTaskModel, result: dict[str, Any], out_dir: str | Path) -> dict[str, str]:
-    """Write both figures of ``PLOT_FILES`` into ``out_dir``; returns their file names by figure."""
+def cost_accuracy_points(result: dict[str, Any], baselines: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """The points of ``cost_accuracy.png``: each method's mean parameters over the anchor's and its hypervolume
+    over the anchor's (dymu at c = 0 and 1, dymu within each budget, the anchor, the baselines of
+    ``dymu compare`` when given)."""
+    anchor = result["anchor"]["params"]
+    points = [{"label": "single-task anchor", "series": "anchor", "params": 1.0, "hv": 1.0}]
+    for rec in result["records"]:
+        if rec["method"] == "dymu" and rec.get("hypervolume_ratio") is not None:
+            points.append({"label": f"dymu c={rec['c']:g}", "series": f"dymu{' adapted' if rec['adaptation'] else ''}",
+                           "params": rec["mean_params"] / anchor, "hv": rec["hypervolume_ratio"]})
+    for rec in result.get("budget_records", []):
+        if rec.get("hypervolume_ratio") is not None:
+            points.append({"label": f"B={rec['budget']:g}",
+                           "series": f"budget{' adapted' if rec['adaptation'] else ''}",
+                           "params": rec["mean_params"] / anchor, "hv": rec["hypervolume_ratio"]})
+    for row in baselines:
+        points.append({"label": row["method"], "series": "baseline", "params": row["params"] / anchor,
+                       "hv": row["hv_ratio"]})
+    return points
+
+
+def plot_cost_accuracy(points: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Hypervolume over the anchor's against mean parameters over the anchor's (``cost_accuracy_points``)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    styles = {"anchor": ("k", "*"), "dymu": ("tab:blue", "o"), "dymu adapted": ("tab:orange", "o"),
+              "budget": ("tab:blue", "s"), "budget adapted": ("tab:orange", "s"), "baseline": ("tab:green", "^")}
+    for series, (color, marker) in styles.items():
+        pts = sorted((p for p in points if p["series"] == series), key=lambda p: p["params"])
+        if not pts:
+            continue
+        line = "-" if series.startswith("budget") else "none"
+        ax.plot([p["params"] for p in pts], [p["hv"] for p in pts], color=color, marker=marker, linestyle=line,
+                label=series)
+        for p in pts:
+            ax.annotate(p["label"], (p["params"], p["hv"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("mean parameters / anchor's")
+    ax.set_ylabel("hypervolume / anchor's")
+    ax.set_title("accuracy against cost (c = 0 unless labelled)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def write_plots(model: DynamicMultiTaskModel, result: dict[str, Any], out_dir: str | Path,
+                baselines: Sequence[dict[str, Any]] = ()) -> dict[str, str]:
+    """Write the figures of ``PLOT_FILES`` into ``out_dir`` (``cost_accuracy`` when ``result`` has budget
+    records); returns their file names by figure."""
     out_dir = Path(out_dir)
     plot_resource_usage(model, out_dir / PLOT_FILES["resource_usage"])
     plot_marginal_controllability(result, out_dir / PLOT_FILES["marginal_controllability"])
-    return dict(PLOT_FILES)
+    files = {k: v for k, v in PLOT_FILES.items() if k != "cost_accuracy"}
+    if result.get("budget_records"):
+        plot_cost_accuracy(cost_accuracy_points(result, baselines), out_dir / PLOT_FILES["cost_accuracy"])
+        files["cost_accuracy"] = PLOT_FILES["cost_accuracy"]
+    return files

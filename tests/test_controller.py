@@ -9,9 +9,24 @@ import pytest
 import torch
 
 from dymu.anchor import AnchorNet, NodeCosts
-from dymu.controller import (EXACT_TREE_LIMIT, CostModel, MeasuredController, Trees, as_parents, calibrate_trade_off,
-                             count_trees, enumerate_trees, lagrangian_path, local_search, measure_path_losses,
-                             minimize_tree, most_probable_tree, path_index, same_tree, search_starts)
+from dymu.controller import (
+    EXACT_TREE_LIMIT,
+    CostModel,
+    MeasuredController,
+    Trees,
+    as_parents,
+    calibrate_trade_off,
+    count_trees,
+    enumerate_trees,
+    lagrangian_path,
+    local_search,
+    measure_path_losses,
+    minimize_tree,
+    most_probable_tree,
+    path_index,
+    same_tree,
+    search_starts,
+)
 from dymu.evaluation import mean_task_losses
 from dymu.model import DynamicMultiTaskModel
 from dymu.search_space import Architecture
@@ -159,7 +174,7 @@ def test_most_probable_tree_within_budget_equals_brute_force():
         logits[:, range(n), range(n)] += 1.5  # the anchor likely, so budgets bind
         probs = torch.softmax(logits.double(), dim=-1)
 
-        def probability(arch):
+        def probability(arch, probs=probs):
             used = [set(u) for u in arch.used_nodes()]
             value = 1.0
             for k in range(n_layers):
@@ -192,8 +207,11 @@ def test_local_search_reaches_the_exact_optimum_on_small_spaces():
                 r = torch.tensor(r, dtype=torch.float64)
                 task = ctrl.task_objective(r)
                 mu = ctrl.frugality(c)
-                exact = minimize_tree(lambda t: task(t) + mu * model(t), model, n, n_layers, None, "exact")
-                local = minimize_tree(lambda t: task(t) + mu * model(t), model, n, n_layers, None, "local")
+                def objective(t, task=task, mu=mu, model=model):
+                    return task(t) + mu * model(t)
+
+                exact = minimize_tree(objective, model, n, n_layers, None, "exact")
+                local = minimize_tree(objective, model, n, n_layers, None, "local")
                 v_exact = brute_force_value(ctrl, costs, r, c, exact)
                 v_local = brute_force_value(ctrl, costs, r, c, local)
                 assert v_local >= v_exact - 1e-9
@@ -219,18 +237,21 @@ def test_calibration_recovers_a_hand_computed_break_even():
     table = torch.tensor([[1.0, 1.0 + a], [1.0 + b, 1.0]], dtype=torch.float64)  # rows: path (0,), (1,)
     saving = s_node / (2 * s_node + 2 * heads)
     gamma = 0.1
-    record = calibrate_trade_off(table, CostModel.create(costs), gamma, median_break_even=0.5)
+    record = calibrate_trade_off(table, CostModel.create(costs), gamma, floor_break_even=0.8)
     lam = record["trade_off"]
     uniform_mu = (a / 2) / saving
+    assert lam == pytest.approx(uniform_mu / (gamma + (1 - gamma) * 0.8))
     (uniform_c,) = record["uniform_break_even_c"]
-    assert uniform_c == pytest.approx((uniform_mu / lam - gamma) / (1 - gamma))
-    assert record["break_even_c_quartiles"][1] == pytest.approx(0.5)
+    assert uniform_c == pytest.approx(0.8) and record["rule"] == "uniform floor"
     ctrl = controller_with(table, 2, 1, gamma=gamma, trade_off=lam)
     anchor, shared = Architecture.anchor(2, 1), Architecture.shared(2, 1, 0)
     r = torch.tensor([0.5, 0.5], dtype=torch.float64)
-    if 0 < uniform_c < 1:
-        assert same_tree(ctrl.solve(r, uniform_c - 1e-3, costs), anchor)
-        assert same_tree(ctrl.solve(r, uniform_c + 1e-3, costs), shared)
+    assert same_tree(ctrl.solve(r, uniform_c - 1e-3, costs), anchor)
+    assert same_tree(ctrl.solve(r, uniform_c + 1e-3, costs), shared)
+    # no sharing step for the uniform preference (its best tree is already the cheapest): the median rule
+    flat = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="no preference gains"):
+        calibrate_trade_off(flat, CostModel.create(costs), gamma)
 
 
 def test_lagrangian_path_is_the_lower_hull():

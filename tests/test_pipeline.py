@@ -222,3 +222,62 @@ def test_evaluation_with_recalibrated_batchnorm(finished_run):
         assert rec["mean_params"] == plain[rec["c"]]["mean_params"]
         assert rec["preferences"][0]["losses"] != plain[rec["c"]]["preferences"][0]["losses"]
     assert "dymu, recalibrated BN" in (run_dir / "evaluation" / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def measured_run(tmp_path_factory):
+    """The pipeline with the measured controller (the quickstart's edge stage) on the tiny configuration."""
+    tmp = tmp_path_factory.mktemp("measured")
+    config = tiny_config(logger=CSV)
+    config["edge"]["model"] = {"search": "measured", "embed_dim": 8, "hidden": 16, "preference_groups": 4}
+    cfg = write(config, tmp / "pipeline.yaml")
+    return run_pipeline(cfg, tmp / "run")
+
+
+def test_measured_controller_pipeline_chooses_every_tree_and_records_its_calibration(measured_run):
+    from dymu.checkpoint import load_checkpoint
+    from dymu.controller import Trees, as_parents
+
+    edge = load_checkpoint(measured_run / "edge" / "final.ckpt")
+    calibration = edge["dymu"]["calibration"]
+    assert calibration["trade_off"] > 0 and calibration["preferences"] == 32
+    if calibration["rule"] == "uniform floor":
+        assert calibration["uniform_break_even_c"][-1] == pytest.approx(0.9)
+    model = DynamicMultiTaskModel.from_run(measured_run)  # the weight stage keeps the controller
+    assert model.controller is not None and float(model.controller.supports.sum()) > 0
+    assert model.controller.trade_off.item() == pytest.approx(calibration["trade_off"])
+    costs = model.node_costs()
+    for r in ([1 / 3] * 3, [0.7, 0.2, 0.1]):
+        for c in (0.0, 1.0):
+            arch = model.architecture(r, c)
+            assert arch == model.controller.solve(torch.tensor(r), c, costs)
+            # the exact optimum of the controller's objective over every tree
+            objective = model.controller.task_objective(torch.tensor(r, dtype=torch.float64))
+            from dymu.controller import CostModel, all_trees
+            cost = CostModel.create(costs)
+            trees = all_trees(3, 3)
+            values = objective(trees) + model.controller.frugality(c) * cost(trees)
+            chosen = Trees(as_parents(arch).unsqueeze(0))
+            assert float(objective(chosen)[0] + model.controller.frugality(c) * cost(chosen)[0]) == pytest.approx(
+                float(values.min()), abs=1e-9)
+
+
+def test_evaluation_with_budgets(measured_run, capsys):
+    from stages.cli import entry_point as cli
+
+    assert cli(["evaluate", "--run_dir", str(measured_run), "--num_preferences", "3", "--num_cost_preferences", "10",
+                "--budgets", "1,0.8,0.6"]) == 0
+    metrics = json.loads((measured_run / "evaluation" / "metrics.json").read_text())
+    budgets = metrics["budget_records"]
+    assert sorted({(r["budget"], r["adaptation"]) for r in budgets}) == [
+        (b, a) for b in (0.6, 0.8, 1.0) for a in (False, True)]
+    for rec in budgets:
+        assert rec["within_budget"] and rec["max_fraction"] <= rec["budget"] + 1e-9
+        assert rec["hypervolume_ratio"] is not None and len(rec["preferences"]) == 3
+    assert {(r["method"], r["c"]) for r in metrics["records"]} == {
+        (m, c) for m in ("single-task anchor", "dymu") for c in (0.0, 1.0)}  # budgets kept apart
+    report = (measured_run / "evaluation" / "report.md").read_text()
+    assert "## Budgets" in report and "## Controller" in report and "cost_accuracy.png" in report
+    assert (measured_run / "evaluation" / "cost_accuracy.png").is_file()
+    assert cli(["evaluate", "--run_dir", str(measured_run), "--budgets", "0.05"]) == 1
+    assert "below the cheapest tree" in capsys.readouterr().err

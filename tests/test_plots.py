@@ -16,9 +16,11 @@ from dymu.tasks import make_task
 from stages.evaluate import render_report, with_hypervolume_ratios
 from stages.plots import (
     PLOT_FILES,
+    cost_accuracy_points,
     edge_pairs,
     edge_usage,
     marginal_series,
+    plot_cost_accuracy,
     plot_marginal_controllability,
     plot_resource_usage,
     simplex_grid,
@@ -154,9 +156,21 @@ def test_marginal_plot_is_written(n_tasks, tmp_path):
 
 def test_write_plots_names_both_files(model3, tmp_path):
     plots = write_plots(model3, hand_result(), tmp_path)
-    assert plots == PLOT_FILES
+    assert plots == {k: v for k, v in PLOT_FILES.items() if k != "cost_accuracy"}  # no budgets evaluated
     for file in plots.values():
         assert_png(tmp_path / file)
+
+
+def test_cost_accuracy_points_and_plot(tmp_path):
+    result = {"anchor": {"params": 200},
+              "records": [{"method": "dymu", "adaptation": False, "c": 0.0, "mean_params": 180, "hypervolume_ratio": 0.97},
+                          {"method": "single-task anchor", "adaptation": False, "c": 0.0, "mean_params": 200,
+                           "hypervolume_ratio": 1.0}],
+              "budget_records": [{"budget": 0.6, "adaptation": True, "mean_params": 110, "hypervolume_ratio": 0.9}]}
+    points = cost_accuracy_points(result, [{"method": "PHN-BN", "params": 100, "hv_ratio": 1.2}])
+    assert [(p["label"], p["params"], p["hv"]) for p in points] == [
+        ("single-task anchor", 1.0, 1.0), ("dymu c=0", 0.9, 0.97), ("B=0.6", 0.55, 0.9), ("PHN-BN", 0.5, 1.2)]
+    assert_png(plot_cost_accuracy(points, tmp_path / "cost.png"))
 
 
 def test_hypervolume_ratio_is_relative_to_the_anchor_at_the_same_c():
