@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,6 +213,41 @@ def format_info(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def describe_controller(run_dir: str) -> str:
+    """The measured controller of a run (``edge.model.search: measured``): its calibration, as recorded in the
+    edge stage's checkpoint, and how its trees are searched."""
+    from dymu.checkpoint import META_KEY, load_checkpoint
+    from dymu.controller import EXACT_TREE_LIMIT, count_trees
+    from stages.layout import RunLayout
+
+    path = RunLayout(run_dir).final("edge")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {run_dir} has no finished edge stage (run `dymu run` first)")
+    checkpoint = load_checkpoint(path)
+    record = checkpoint[META_KEY].get("calibration")
+    if record is None:
+        return f"{run_dir}: the edge stage searched with the paper's Gumbel search (no measured controller)"
+    paths, n = checkpoint["state_dict"]["model.controller.path_loss_sums"].shape
+    n_layers = round(math.log(paths, n)) if n > 1 else 1
+    trees = count_trees(n, n_layers)
+    search = f"{paths:,} measured paths; {trees:,} trees, searched " + (
+        "exactly (every tree)" if trees <= EXACT_TREE_LIMIT else "by local search")
+    quartiles = ", ".join(f"{v:.2f}" for v in record["break_even_c_quartiles"])
+    uniform = ", ".join(f"{v:.2f}" for v in record["uniform_break_even_c"]) or "none"
+    rule = (f"the uniform preference's last sharing step breaks even at c = {record['floor_break_even']:g}"
+            if record.get("rule") == "uniform floor" else
+            "the median sharing step breaks even at c = 0.5: the uniform preference has none")
+    lines = [f"measured controller of {run_dir}",
+             f"  trade-off lambda        {record['trade_off']:.4g} ({rule})",
+             f"  base frugality gamma    {record['base_frugality']:g}   (mu(c) = lambda * (gamma + (1 - gamma) c))",
+             f"  cost term               {record['cost_metric']}",
+             f"  sharing steps           {record['steps']} over {record['preferences']} calibration preferences, "
+             f"break-even c quartiles {quartiles}",
+             f"  uniform preference      break-even c {uniform}"]
+    lines.append(f"  search                  {search}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     from stages.graph import describe_table
     from stages.runner import load_pipeline_config
@@ -221,9 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a config entry, e.g. --set backbone.init_args.width=1.0 (repeatable)")
     parser.add_argument("--stages", action="store_true", help="print the stage table (no config needed)")
+    parser.add_argument("--run_dir", help="a run directory: print its measured controller's calibration")
     args = parser.parse_args(argv)
-    if args.config is None and not args.stages:
-        parser.error("give --config (the networks' sizes) or --stages (the stage table)")
+    if args.config is None and not args.stages and args.run_dir is None:
+        parser.error("give --config (the networks' sizes), --stages (the stage table) or --run_dir (a run's "
+                     "controller)")
+    if args.run_dir is not None:
+        print(describe_controller(args.run_dir))
     if args.stages:
         print(describe_table())
     if args.config is not None:

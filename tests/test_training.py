@@ -255,3 +255,42 @@ def test_relaxed_task_loss_uses_the_soft_mixture():
         soft = torch.softmax(model.edge_logits(pref) / 2.0, dim=-1)
         expected_task = hand_task_loss(model.anchor(batch["image"], samples=soft), batch, pref)
     torch.testing.assert_close(out["task_loss"], expected_task, atol=1e-5, rtol=1e-5)
+
+
+def test_anchor_random_tree_term_adds_the_weighted_loss_of_the_steps_random_tree():
+    """``random_tree_weight``: after the warm-up, the anchor's loss is its streams' own plus w times a random
+    tree's, the tree fixed by the step (the same on every process and after resuming)."""
+    from lightning_modules.anchor import AnchorPretraining
+    from tests.small_scenes import INPUT, backbone, scenes
+
+    dm = scenes(["semseg", "depth", "normals"])
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    tasks = [t.to_config() for t in dm.tasks]
+    torch.manual_seed(0)
+    plain = AnchorPretraining(backbone(), task_configs=tasks, input_shape=INPUT, shared_warmup_steps=2)
+    torch.manual_seed(0)
+    mixed = AnchorPretraining(backbone(), task_configs=tasks, input_shape=INPUT, shared_warmup_steps=2,
+                              random_tree_weight=0.25)
+    for module in (plain, mixed):
+        module.log = lambda *a, **k: None  # noqa: E731  (no trainer attached)
+        module.log_task_losses = lambda *a, **k: None  # noqa: E731
+    step = {"value": 0}
+    for module in (plain, mixed):
+        type(module).global_step = property(lambda self: step["value"])
+    try:
+        # during the warm-up both train the shared backbone only
+        assert torch.equal(plain.training_step(batch, 0), mixed.training_step(batch, 0))
+        step["value"] = 5
+        tree = mixed.random_tree()
+        assert tree == mixed.random_tree() and tree != Architecture.anchor(3, 2)
+        own = (mixed.scales * mixed.losses(mixed.model.anchor(batch["image"]), batch)).sum()
+        on_tree = (mixed.scales * mixed.losses(mixed.model.anchor(batch["image"], architecture=tree), batch)).sum()
+        torch.testing.assert_close(mixed.training_step(batch, 0), own + 0.25 * on_tree)
+        torch.testing.assert_close(plain.training_step(batch, 0), own)
+        step["value"] = 6
+        assert mixed.random_tree() != tree
+    finally:
+        del type(plain).global_step
+    with pytest.raises(ValueError, match="random_tree_weight"):
+        AnchorPretraining(backbone(), task_configs=tasks, input_shape=INPUT, random_tree_weight=-1.0)

@@ -21,10 +21,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from stages.layout import RunLayout  # noqa: E402
 
 
-def mean_sd(values: list[float], digits: int = 3) -> str:
+def mean_sd(values: list[float], digits: int = 3, low: bool = False) -> str:
+    """``mean ± sd`` over the runs (``low``: and the lowest run's value)."""
     arr = np.asarray(values, dtype=float)
     sd = arr.std(ddof=1) if len(arr) > 1 else 0.0
-    return f"{arr.mean():.{digits}f} ± {sd:.{digits}f}"
+    text = f"{arr.mean():.{digits}f} ± {sd:.{digits}f}"
+    return f"{text} (min {arr.min():.{digits}f})" if low else text
+
+
+def common_reference_ratios(metrics: dict, reference: dict) -> dict[tuple[str, bool, float, float | None], float]:
+    """Hypervolume of every record of ``metrics`` against ``reference``'s reference point, over ``reference``'s
+    single-task anchor's at c = 0: two runs' results on one scale (e.g. against the paper's separately trained
+    anchor of the same seed)."""
+    from dymu.metrics import hypervolume
+
+    ref = np.asarray(reference["reference_point"], dtype=float)
+    base = next(r["hypervolume"] for r in reference["records"] if r["method"] == "single-task anchor" and r["c"] == 0)
+    out = {}
+    for rec in metrics["records"] + metrics.get("budget_records", []):
+        points = np.asarray([p["losses"] for p in rec["preferences"]], dtype=float)
+        out[(rec["method"], rec["adaptation"], rec["c"], rec.get("budget"))] = hypervolume(points, ref) / base
+    return out
 
 
 def cost_fractions(metrics: dict, prefix: str) -> tuple[float, float] | None:
@@ -43,6 +60,9 @@ def cost_fractions(metrics: dict, prefix: str) -> tuple[float, float] | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories with evaluation/metrics.json")
+    parser.add_argument("--common_reference", nargs="+", default=[],
+                        help="runs (one per seed, in the order of the first runs) whose reference point and anchor "
+                             "set a common scale: e.g. the paper's separately trained anchor of the same seeds")
     args = parser.parse_args()
     runs = [json.loads(RunLayout(r).metrics.read_text()) for r in args.runs]
 
@@ -71,8 +91,43 @@ def main() -> None:
             for c in (0.0, 1.0):
                 values = [next(r[key] for r in m["records"] if r["method"] == method and r["adaptation"] == adapt
                                and r["c"] == c) for m in runs]
-                cells.append(mean_sd(values))
+                cells.append(mean_sd(values, low=key == "hypervolume_ratio" and method == "dymu"))
         print(f"| {names[(method, adapt)]} | " + " | ".join(cells) + " |")
+    budgets = sorted({r["budget"] for m in runs for r in m.get("budget_records", [])}, reverse=True)
+    if budgets:
+        print()
+        print("| budget B (c = 0) | HV / anchor's, no adaptation | with adaptation | mean params / anchor's | "
+              "largest / anchor's | every tree within B |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for budget in budgets:
+            recs = {a: [next(r for r in m["budget_records"] if r["budget"] == budget and r["adaptation"] == a)
+                        for m in runs] for a in (False, True)}
+            print(f"| {budget:g} | {mean_sd([r['hypervolume_ratio'] for r in recs[False]], low=True)} | "
+                  f"{mean_sd([r['hypervolume_ratio'] for r in recs[True]], low=True)} | "
+                  f"{mean_sd([r['mean_fraction'] for r in recs[False]])} | "
+                  f"{max(r['max_fraction'] for r in recs[False]):.3f} | "
+                  f"{'yes' if all(r['within_budget'] for a in recs for r in recs[a]) else 'NO'} |")
+    if args.common_reference:
+        references = [json.loads(RunLayout(r).metrics.read_text()) for r in args.common_reference]
+        ratios = [common_reference_ratios(m, ref) for m, ref in zip(runs, references)]
+        own = [common_reference_ratios(ref, ref) for ref in references]
+        print()
+        print(f"On a common scale: hypervolume over the reference runs' single-task anchor (their reference point), "
+              f"{len(ratios)} seeds:")
+        print()
+        print("| method | c = 0 | c = 1 |" + "".join(f" B = {b:g} |" for b in budgets))
+        print("| --- | --- | --- |" + " --- |" * len(budgets))
+        print("| reference runs' single-task anchor | 1 | 1 |" + " |" * len(budgets))
+        rows = [("reference runs' DYMU, no adaptation", own, False), ("reference runs' DYMU, adapted", own, True),
+                ("these runs' single-task anchor", ratios, None), ("these runs' DYMU, no adaptation", ratios, False),
+                ("these runs' DYMU, adapted", ratios, True)]
+        for label, table, adapt in rows:
+            method = "single-task anchor" if adapt is None else "dymu"
+            adapt = bool(adapt)
+            cells = [mean_sd([t[(method, adapt, c, None)] for t in table]) for c in (0.0, 1.0)]
+            cells += [mean_sd([t[("dymu", adapt, 0.0, b)] for t in table]) if method == "dymu" and
+                      all(("dymu", adapt, 0.0, b) in t for t in table) else "-" for b in budgets]
+            print(f"| {label} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
