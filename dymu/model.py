@@ -158,13 +158,23 @@ class DynamicMultiTaskModel(nn.Module):
 
     @torch.no_grad()
     def specialize(self, r: Sequence[float] | Tensor | Preference, c: float | None = None,
-                   budget: float | None = None, budget_metric: str = "params") -> SpecializedNet:
+                   budget: float | None = None, budget_metric: str = "params", fold_bn: bool = False
+                   ) -> SpecializedNet:
         """A static pruned ``nn.Module`` for ``(r, c)`` (within ``budget``) whose outputs equal
-        ``self(x, r, c, budget)``."""
+        ``self(x, r, c, budget)``.
+
+        With ``fold_bn`` it is a ``dymu.deploy.LeanNet`` in eval mode: every BatchNorm (with the weight
+        hypernet's shifts baked in) folded into the conv before it, the routing a flat plan, and no parameter
+        or buffer the forward does not use; its outputs equal the eval-mode model's."""
         pref = self.preference(r, c)
         deltas = self.bn_deltas(pref)
-        return self.anchor.specialize(self.architecture(pref, budget=budget, budget_metric=budget_metric), deltas,
-                                      bn_statistics=self.bn_statistics if deltas is not None else "running")
+        net = self.anchor.specialize(self.architecture(pref, budget=budget, budget_metric=budget_metric), deltas,
+                                     bn_statistics=self.bn_statistics if deltas is not None else "running")
+        if fold_bn:
+            from dymu.deploy import LeanNet
+
+            return LeanNet.create(net, fold_bn=True, copy_modules=False)
+        return net
 
     def node_costs(self) -> NodeCosts:
         return cached_node_costs(self.anchor, self.input_shape)
