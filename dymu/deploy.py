@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,8 @@ def export_model(net: LeanNet, example: Tensor, path: str | Path, format: str) -
     path.parent.mkdir(parents=True, exist_ok=True)
     module = _with_tuple_outputs(net).eval()
     batch = torch.export.Dim("batch", min=1, max=65536)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and deprecation warnings about code that is not the user's
         if format == "torchscript":
             traced = torch.jit.trace(module, (example,), check_trace=False)
             torch.jit.save(traced, str(path))
@@ -170,13 +172,8 @@ def export_model(net: LeanNet, example: Tensor, path: str | Path, format: str) -
             program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
             torch.export.save(program, str(path))
         else:
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=({0: batch},),
-                                            input_names=["image"], output_names=list(net.task_names),
-                                            verbose=False)
+            program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=({0: batch},),
+                                        input_names=["image"], output_names=list(net.task_names), verbose=False)
             program.save(str(path))
     return path
 
@@ -190,7 +187,9 @@ class ExportedModel:
         if not self.path.is_file():
             raise FileNotFoundError(f"exported model {self.path} does not exist")
         if format == "torchscript":
-            self._module = torch.jit.load(str(self.path), map_location="cpu").eval()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                self._module = torch.jit.load(str(self.path), map_location="cpu").eval()
         elif format == "pt2":
             self._module = torch.export.load(str(self.path)).module()
         else:

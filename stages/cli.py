@@ -1,6 +1,7 @@
 """The ``dymu`` command: one LightningCLI per training stage of the stage table (``dymu <stage> fit|validate
 --config X.yaml``), and the commands that drive runs (``run``, ``configs``, ``affinity``, ``evaluate``,
-``sweep``, ``trial``, ``info``). Every command fails on bad input with one line and a non-zero exit."""
+``sweep``, ``trial``, ``show``, ``export``, ``predict``, ``info``). Every command fails on bad input with one
+line and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
               "a local sweep of the hypernet stages over D's anchor (D/sweeps/)"),
     "trial": ("stages.sweep:trial_main", "--run_dir D --KEY=VALUE ...",
               "one sweep trial (the command a W&B sweep agent runs)"),
+    "show": ("stages.serve:show_main", "--run_dir D --r R... --c C [--budget B] [--out F.png]",
+             "the tree of a preference: which nodes are computed, cross-task edges, params and GFLOPs"),
+    "export": ("stages.serve:export_main",
+               "--run_dir D --r R... --c C [--budget B] --format onnx|torchscript|pt2 --out F",
+               "the folded static network of a preference, checked against PyTorch, F.json beside it"),
+    "predict": ("stages.serve:predict_main", "--run_dir D --r R... --c C [--budget B] --out DIR IMAGE_OR_DIR...",
+                "per-task outputs of images: segmentation / depth / normals PNGs, class scores JSON"),
     "info": ("stages.info:main", "--config P.yaml [--set KEY=VALUE] | --stages",
              "sizes without data or training, beside the paper's (tables 1-4); the stage table"),
 }

@@ -1,0 +1,377 @@
+"""Serving one preference of a trained run: ``dymu show`` (the tree), ``dymu export`` (a folded static network as
+ONNX, TorchScript or PT2, checked against PyTorch) and ``dymu predict`` (per-task outputs of images as files).
+
+Each command takes the run directory and the preference: ``--r`` (one weight per task, summing to 1, as
+``0.8 0.1 0.1`` or ``0.8,0.1,0.1``), ``--c`` in [0, 1] and optionally ``--budget`` (a fraction of the anchor's
+``--budget_metric``). Images are read as the data modules feed them: 8-bit RGB, ``x / 127.5 - 1``, NCHW.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dymu.model import DynamicMultiTaskModel
+from dymu.search_space import Architecture
+from dymu.treeview import draw_tree, render_text, tree_drawing
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+NORMALISATION = "RGB uint8 image x -> x / 127.5 - 1 (range [-1, 1]), NCHW float32"
+CHANNEL_MODES = {1: ("L",), 3: ("RGB", "P")}  # PIL modes read as that many channels (palette images as RGB)
+
+
+def parse_r(values: Sequence[str]) -> list[float]:
+    """``--r 0.8 0.1 0.1``, ``--r 0.8,0.1,0.1`` or ``--r 1/3 1/3 1/3`` as floats (the model checks the
+    simplex)."""
+    from fractions import Fraction
+
+    items = [v for value in values for v in str(value).replace(",", " ").split()]
+    try:
+        return [float(Fraction(v)) if "/" in v else float(v) for v in items]
+    except (ValueError, ZeroDivisionError) as err:
+        raise ValueError(f"--r takes one number per task (e.g. --r 0.8 0.1 0.1), got {' '.join(values)!r}") from err
+
+
+def add_preference_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run_dir", required=True, help="a run directory written by `dymu run`")
+    parser.add_argument("--r", nargs="+", required=True, help="task preference, one weight per task, summing to 1")
+    parser.add_argument("--c", type=float, required=True, help="cost preference in [0, 1] (1 = frugal)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="at most this fraction (0, 1] of the anchor's --budget_metric")
+    parser.add_argument("--budget_metric", choices=["params", "flops"], default="params")
+
+
+@dataclass
+class Served:
+    """A run's model at one preference: its tree, cost and the anchor's cost."""
+
+    model: DynamicMultiTaskModel
+    run_dir: Path
+    r: list[float]
+    c: float
+    budget: float | None
+    budget_metric: str
+    architecture: Architecture
+    cost: dict[str, int]
+    anchor_cost: dict[str, int]
+
+    @classmethod
+    def load(cls, args: argparse.Namespace) -> Served:
+        from stages.layout import RunLayout
+
+        layout = RunLayout(args.run_dir)
+        if not layout.root.is_dir():
+            raise FileNotFoundError(f"run directory {args.run_dir} does not exist: pass the folder that `dymu run` "
+                                    "wrote")
+        model = DynamicMultiTaskModel.from_checkpoint(layout.model_checkpoint())
+        r = parse_r(args.r)
+        if not math.isfinite(args.c):
+            raise ValueError(f"--c must be a number in [0, 1], got {args.c}")
+        pref = model.preference(r, args.c)
+        arch = model.architecture(pref, budget=args.budget, budget_metric=args.budget_metric)
+        costs = model.node_costs()
+        anchor = Architecture.anchor(model.n_tasks, model.anchor.n_layers)
+        return cls(model, layout.root, [float(v) for v in pref.r], float(pref.c), args.budget, args.budget_metric,
+                   arch, costs.cost(arch), costs.cost(anchor))
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        return {"budget": self.budget, "budget_metric": self.budget_metric}
+
+    def specialize(self, fold_bn: bool = True):  # noqa: ANN201 - a LeanNet or SpecializedNet
+        return self.model.specialize(self.r, self.c, fold_bn=fold_bn, **self.forward_kwargs())
+
+    def preference_text(self) -> str:
+        budget = f", budget {self.budget:g} of the anchor's {self.budget_metric}" if self.budget is not None else ""
+        return f"r = ({', '.join(f'{v:.3g}' for v in self.r)}), c = {self.c:g}{budget}"
+
+    def cost_text(self) -> str:
+        p, f = self.cost["params"], self.cost["flops"] / 1e9
+        return (f"{p:,} params ({p / self.anchor_cost['params']:.2f} of the anchor), {f:.4g} GFLOPs "
+                f"({self.cost['flops'] / self.anchor_cost['flops']:.2f})")
+
+    def summary(self) -> dict[str, Any]:
+        """The preference, the tree and its cost, as written beside exports and predictions."""
+        return {"tasks": [{"name": t["name"], "kind": t["kind"], "out_channels": t["out_channels"]}
+                          for t in self.model.anchor.task_configs],
+                "preference": {"r": self.r, "c": self.c, "budget": self.budget, "budget_metric": self.budget_metric},
+                "tree": {"parents": self.architecture.to_list(),
+                         "used_nodes": [sorted(u) for u in self.architecture.used_nodes()],
+                         "paths": {t: self.architecture.path(i) for i, t in enumerate(self.model.tasks)}},
+                "params": self.cost["params"], "gflops": self.cost["flops"] / 1e9,
+                "params_fraction": self.cost["params"] / self.anchor_cost["params"],
+                "gflops_fraction": self.cost["flops"] / self.anchor_cost["flops"],
+                "input_shape": list(self.model.input_shape) if self.model.input_shape else None,
+                "normalisation": NORMALISATION, "run_dir": str(self.run_dir)}
+
+    def header(self) -> str:
+        return f"{self.preference_text()}: tree {self.architecture}; {self.cost_text()}"
+
+
+# ---------------------------------------------------------------- show
+
+
+def show_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dymu show", description="the tree of a preference, as text and PNG")
+    add_preference_arguments(parser)
+    parser.add_argument("--out", default=None, help="also draw the tree into this PNG")
+    args = parser.parse_args(argv)
+    served = Served.load(args)
+    drawing = tree_drawing(served.architecture, served.model.tasks)
+    print(render_text(drawing, served.header()))
+    if args.out:
+        draw_tree(drawing, args.out, f"{served.preference_text()}\n{served.cost_text()}")
+        print(f"wrote {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------- export
+
+
+def real_images(run_dir: Path, count: int) -> Tensor | None:
+    """Up to ``count`` images of the run's test split (None when the run's data cannot be built here)."""
+    if count < 1:
+        return None
+    from stages.common import build_data
+    from stages.evaluate import run_data_config
+
+    try:
+        data = build_data(run_data_config(run_dir))
+        data.setup("test")
+        images = next(iter(data.test_dataloader()))["image"]
+    except (FileNotFoundError, ValueError, OSError, StopIteration, KeyError) as err:
+        print(f"check on real inputs skipped: the run's test data is not available here ({err})")
+        return None
+    return images[:count].float()
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    from dymu.deploy import EXPORT_FORMATS, ExportedModel, export_model, max_difference, require
+
+    parser = argparse.ArgumentParser(prog="dymu export", description="the static folded network of a preference "
+                                     "exported, checked against PyTorch, with a JSON of its tree and cost beside it")
+    add_preference_arguments(parser)
+    parser.add_argument("--format", choices=EXPORT_FORMATS, required=True)
+    parser.add_argument("--out", required=True, help="the exported file (F.json is written beside it)")
+    parser.add_argument("--no_fold", action="store_true", help="keep the BatchNorms (folded by default)")
+    parser.add_argument("--real_images", type=int, default=8,
+                        help="test images of the run checked besides random inputs (0: random inputs only)")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest error of the export against PyTorch, relative to the largest output (min 1)")
+    args = parser.parse_args(argv)
+    require(args.format)  # a missing package fails before anything is loaded
+    served = Served.load(args)
+    model = served.model
+    if not model.input_shape:
+        raise ValueError("the run's model records no input shape; cannot build an example input to export")
+    from dymu.deploy import LeanNet
+
+    lean = served.specialize(fold_bn=True)
+    if args.no_fold:
+        lean = LeanNet.create(served.specialize(fold_bn=False), fold_bn=False)
+    gen = torch.Generator().manual_seed(0)
+    example = torch.rand(2, *model.input_shape, generator=gen) * 2 - 1
+    out = export_model(lean, example, args.out, args.format)
+    exported = ExportedModel(out, args.format)
+
+    checks: dict[str, Any] = {}
+    inputs = {"random": torch.rand(3, *model.input_shape, generator=gen) * 2 - 1}
+    real = real_images(served.run_dir, args.real_images)
+    if real is not None:
+        inputs["real"] = real
+    for name, x in inputs.items():
+        with torch.no_grad():
+            pytorch = [lean(x)[t] for t in model.tasks]
+            dynamic = [model(x, served.r, served.c, **served.forward_kwargs())[t] for t in model.tasks]
+        got = exported(x)
+        checks[name] = {"batch": int(x.shape[0]), "against_pytorch": max_difference(got, pytorch),
+                        "against_dynamic_model": max_difference(got, dynamic)}
+    worst = max(c["against_pytorch"]["max_rel_error"] for c in checks.values())
+    record = {"format": args.format, "file": out.name, **served.summary(),
+              "folded_batchnorms": getattr(lean, "folded_batchnorms", 0), "inputs": ["image"],
+              "outputs": model.tasks, "check": checks, "max_check_error": worst}
+    meta = out.with_name(out.name + ".json")
+    meta.write_text(json.dumps(record, indent=1))
+    print(served.header())
+    for name, c in checks.items():
+        print(f"check on {c['batch']} {name} inputs: max error against PyTorch "
+              f"{c['against_pytorch']['max_abs_error']:.3g}, against the dynamic model "
+              f"{c['against_dynamic_model']['max_abs_error']:.3g}")
+    print(f"wrote {out} and {meta}")
+    if not worst <= args.tolerance:
+        raise ValueError(f"the exported model differs from PyTorch by {worst:.3g} (relative), above --tolerance "
+                         f"{args.tolerance:g}; see {meta}")
+    return 0
+
+
+# ---------------------------------------------------------------- predict
+
+
+def image_files(inputs: Sequence[str]) -> list[Path]:
+    """The image files named by ``inputs`` (files, or folders whose image files are taken, sorted)."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"folder {path} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"input {path} does not exist")
+    if not files:
+        raise ValueError("no input images given")
+    return files
+
+
+def check_image(path: Path, input_shape: Sequence[int]) -> None:
+    """Raise ``ValueError`` naming the problem when ``path`` is not an image the model takes."""
+    from PIL import Image, UnidentifiedImageError
+
+    channels, height, width = input_shape
+    try:
+        with Image.open(path) as image:
+            mode, size = image.mode, image.size
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"cannot read image {path}: {err}") from err
+    if mode not in CHANNEL_MODES.get(channels, ()):
+        expected = "/".join(CHANNEL_MODES.get(channels, ("?",)))
+        raise ValueError(f"image {path} is {mode} ({Image.getmodebands(mode)} channels); the model takes "
+                         f"{channels}-channel images ({expected})")
+    if size != (width, height):
+        raise ValueError(f"image {path} is {size[0]}x{size[1]} (width x height); the model takes {width}x{height}")
+
+
+def read_image(path: Path, channels: int) -> Tensor:
+    """An image as the data modules feed it: ``(C, H, W)`` in [-1, 1]."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("RGB" if channels == 3 else "L"), dtype=np.float32)
+    tensor = torch.from_numpy(array.copy())
+    tensor = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
+    return tensor / 127.5 - 1.0
+
+
+def palette(n: int = 256) -> list[int]:
+    """The PASCAL VOC colour map (class k's colour from the bits of k), flattened for ``Image.putpalette``."""
+    colours = []
+    for k in range(n):
+        r = g = b = 0
+        c = k
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        colours += [r, g, b]
+    return colours
+
+
+def colour_map(values: np.ndarray, name: str = "magma") -> np.ndarray:
+    """A 2-D array scaled to its own min..max and coloured: ``(H, W, 3)`` uint8."""
+    import matplotlib
+
+    low, high = float(np.nanmin(values)), float(np.nanmax(values))
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    return (matplotlib.colormaps[name](scaled)[..., :3] * 255).round().astype(np.uint8)
+
+
+def write_output(kind: str, output: Tensor, path_stem: Path) -> Path:
+    """One task's output for one image: dense maps as PNG (segmentation: class indices in a palette image;
+    depth: a colour map; normals: ``(n + 1) / 2`` as RGB; edges and saliency: sigmoid as grey), vectors as
+    JSON (class scores with the arg max, or values)."""
+    from PIL import Image
+
+    y = output.detach().float().cpu()
+    if y.dim() == 1:
+        if kind == "classification":
+            scores = torch.softmax(y, dim=0)
+            record: dict[str, Any] = {"class": int(scores.argmax()), "scores": [float(v) for v in scores],
+                                      "logits": [float(v) for v in y]}
+        else:
+            record = {"values": [float(v) for v in y]}
+        path = path_stem.with_suffix(".json")
+        path.write_text(json.dumps(record))
+        return path
+    path = path_stem.with_suffix(".png")
+    if kind == "semseg" or (y.shape[0] > 3 and kind not in ("depth", "normals")):
+        labels = y.argmax(dim=0).numpy().astype(np.uint8)
+        image = Image.fromarray(labels, mode="P")
+        image.putpalette(palette())
+    elif kind == "normals" and y.shape[0] == 3:
+        n = torch.nn.functional.normalize(y, dim=0)
+        image = Image.fromarray(((n + 1) / 2 * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy(), "RGB")
+    elif kind in ("edges", "saliency") and y.shape[0] == 1:
+        image = Image.fromarray((torch.sigmoid(y[0]) * 255).round().byte().numpy(), "L")
+    else:
+        image = Image.fromarray(colour_map(y[0].numpy()), "RGB")
+    image.save(path)
+    return path
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dymu predict", description="per-task outputs of images for a preference")
+    add_preference_arguments(parser)
+    parser.add_argument("--out", required=True, help="output folder: OUT/<task>/<image name>.png|json")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("inputs", nargs="+", help="image files or folders of images")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
+    served = Served.load(args)
+    shape = served.model.input_shape
+    if shape is None or len(shape) != 3:
+        raise ValueError(f"dymu predict reads images; this run's model takes inputs of shape {shape}")
+    files = image_files(args.inputs)
+    for path in files:  # every input is checked before anything is computed or written
+        check_image(path, shape)
+    net = served.specialize(fold_bn=True)
+    print(served.header())
+    predict_files(files, lambda x: [net(x)[t] for t in served.model.tasks], served.model.anchor.task_configs,
+                  int(shape[0]), Path(args.out), args.batch_size)
+    (Path(args.out) / "predict.json").write_text(json.dumps({**served.summary(),
+                                                             "inputs": [str(p) for p in files]}, indent=1))
+    print(f"wrote {len(files)} x {served.model.n_tasks} outputs under {args.out}")
+    return 0
+
+
+def unique_stems(files: Sequence[Path]) -> list[str]:
+    """Output names: each file's stem, with ``_2``, ``_3``, ... added where two inputs share one."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in files:
+        count = seen.get(path.stem, 0) + 1
+        seen[path.stem] = count
+        names.append(path.stem if count == 1 else f"{path.stem}_{count}")
+    return names
+
+
+def predict_files(files: Sequence[Path], predict: Callable[[Tensor], list[Tensor]], task_configs: Sequence[dict],
+                  channels: int, out: Path, batch_size: int) -> list[Path]:
+    """Run ``predict`` on the images in batches and write every task's output per image."""
+    from tqdm import tqdm
+
+    for t in task_configs:
+        (out / t["name"]).mkdir(parents=True, exist_ok=True)
+    names = unique_stems(files)
+    written = []
+    batches = range(0, len(files), batch_size)
+    for start in tqdm(batches, desc="predict", unit="batch", disable=None):
+        x = torch.stack([read_image(p, channels) for p in files[start:start + batch_size]])
+        with torch.no_grad():
+            outputs = predict(x)
+        for t, y in zip(task_configs, outputs):
+            for i, name in enumerate(names[start:start + batch_size]):
+                written.append(write_output(t["kind"], y[i], out / t["name"] / name))
+    return written
