@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 from torch import nn
 
+from dymu import DynamicMultiTaskModel
 from dymu.anchor import AnchorNet, batchnorm_names
 from dymu.backbones import ConvEncoderDecoder, DeepLabMobileNetV2, DeepLabResNet34, MLPBackbone, ResNet9
-from dymu.deploy import LeanNet, count_batchnorms, fold_batchnorms
+from dymu.checkpoint import META_KEY
+from dymu.deploy import ExportedModel, LeanNet, count_batchnorms, fold_batchnorms
 from dymu.search_space import Architecture
 from dymu.tasks import make_task
+from dymu.treeview import draw_tree, render_text, tree_drawing
+from stages.cli import entry_point
+from stages.serve import colour_map, write_output
 
 DENSE_TASKS = [make_task("semseg", out_channels=4), make_task("depth"), make_task("normals")]
 
@@ -104,3 +114,241 @@ def test_fold_batchnorms_leaves_batch_statistics_and_unpaired_batchnorms():
         assert fold_batchnorms(net) == 1  # only the last conv-BN pair
         torch.testing.assert_close(net(x), expected, atol=1e-5, rtol=1e-5)
     assert [type(m).__name__ for m in net] == ["Conv2d", "BatchNorm2d", "ReLU", "BatchNorm2d", "Conv2d", "Identity"]
+
+
+# ---------------------------------------------------------------- a trained-looking run directory
+
+IMAGE = (3, 16, 16)
+R, C = [0.6, 0.3, 0.1], 0.5
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory holding a weight-stage checkpoint of a tiny model whose BatchNorms, edge hypernet and weight
+    hypernet are random and non-trivial (trees and BN shifts depend on the preference), and its data config."""
+    torch.manual_seed(0)
+    backbone = ConvEncoderDecoder(channels=(4, 6, 8), strides=(1, 2, 1), decoder_width=8, low_level_block=0)
+    model = DynamicMultiTaskModel.build(backbone, DENSE_TASKS, edge={"embed_dim": 8, "hidden": 16},
+                                        weight={"embed_dim": 8, "hidden": 16}, input_shape=IMAGE)
+    randomize_batchnorm(model.anchor)
+    with torch.no_grad():
+        for p in model.edge_hypernet.parameters():
+            p.normal_(0.0, 1.0)
+        for p in model.weight_hypernet.parameters():
+            p.normal_(0.0, 0.2)
+    root = tmp_path_factory.mktemp("deploy") / "run"
+    (root / "weight").mkdir(parents=True)
+    (root / "configs").mkdir()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                META_KEY: {"model": model.config()}}, root / "weight" / "final.ckpt")
+    data = {"class_path": "datamodules.synthetic.SyntheticScenesDataModule",
+            "init_args": {"tasks": ["semseg", "depth", "normals"], "num_train": 8, "num_val": 4, "num_test": 6,
+                          "image_size": 16, "batch_size": 4}}
+    (root / "configs" / "pipeline.yaml").write_text(yaml.safe_dump({"data": data}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(run_dir):
+    return DynamicMultiTaskModel.from_run(run_dir)
+
+
+@pytest.fixture(scope="module")
+def scene_files(tmp_path_factory):
+    """Six synthetic scenes (16x16) written as 8-bit PNGs."""
+    folder = tmp_path_factory.mktemp("scenes")
+    for i, x in enumerate(scene_images()):
+        Image.fromarray(((x + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()).save(
+            folder / f"scene{i}.png")
+    return folder
+
+
+def scene_images():
+    """Six test images of the synthetic scenes at 16x16, in [-1, 1]."""
+    from datamodules.synthetic import SyntheticScenesDataModule
+
+    dm = SyntheticScenesDataModule(tasks=["semseg", "depth"], num_train=6, num_val=2, num_test=6, image_size=16,
+                                   batch_size=6)
+    dm.setup("test")
+    return next(iter(dm.test_dataloader()))["image"]
+
+
+def read_back(folder):
+    """The PNGs as the model reads them (uint8 / 127.5 - 1), in name order."""
+    return torch.stack([torch.from_numpy(np.asarray(Image.open(p), dtype=np.float32).copy()).permute(2, 0, 1)
+                        for p in sorted(folder.glob("*.png"))]) / 127.5 - 1
+
+
+def test_specialize_fold_bn_equals_the_model_for_preferences_and_budgets(model):
+    x = torch.randn(3, *IMAGE)
+    trees = set()
+    for r, c, budget in [(R, C, None), ([1, 0, 0], 0.0, None), ([1 / 3] * 3, 1.0, None), (R, 0.0, 0.8)]:
+        lean = model.specialize(r, c, budget=budget, fold_bn=True)
+        assert isinstance(lean, LeanNet) and not lean.training and count_batchnorms(lean) == 0
+        assert lean.architecture == model.architecture(r, c, budget=budget)
+        trees.add(lean.architecture)
+        with torch.no_grad():
+            expected, got = model(x, r, c, budget=budget), lean(x)
+        for task in model.tasks:
+            torch.testing.assert_close(got[task], expected[task], atol=1e-5, rtol=1e-5)
+        with torch.enable_grad():  # no parameter that the forward does not use
+            sum(y.sum() for y in lean(x).values()).backward()
+        assert all(p.grad is not None for p in lean.parameters())
+        assert sum(p.numel() for p in lean.parameters()) < model.cost(r, c, budget=budget)["params"]
+    assert len(trees) > 1, "the test model's trees should depend on the preference"
+
+
+# ---------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "pt2"])
+def test_export_round_trip_equals_pytorch(run_dir, model, tmp_path, fmt, capsys):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+    out = tmp_path / f"model.{fmt}"
+    args = ["export", "--run_dir", str(run_dir), "--r", "0.6,0.3,0.1", "--c", str(C), "--format", fmt,
+            "--out", str(out), "--real_images", "4" if fmt == "onnx" else "0"]
+    assert entry_point(args) == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / f"model.{fmt}.json").read_text())
+    arch = model.architecture(R, C)
+    assert record["tree"]["parents"] == arch.to_list()
+    assert record["tree"]["used_nodes"] == [sorted(u) for u in arch.used_nodes()]
+    cost = model.cost(R, C)
+    assert record["params"] == cost["params"] and record["gflops"] == pytest.approx(cost["flops"] / 1e9)
+    assert record["input_shape"] == list(IMAGE) and [t["name"] for t in record["tasks"]] == model.tasks
+    assert record["folded_batchnorms"] == count_batchnorms(model.specialize(R, C))
+    assert set(record["check"]) == ({"random", "real"} if fmt == "onnx" else {"random"})
+    assert record["max_check_error"] <= 1e-4
+    exported = ExportedModel(out, fmt)  # an independent check, at another batch size than the export's example
+    x = torch.randn(5, *IMAGE)
+    with torch.no_grad():
+        expected = model(x, R, C)
+    for task, y in zip(model.tasks, exported(x)):
+        torch.testing.assert_close(y, expected[task], atol=1e-4, rtol=1e-4)
+
+
+def test_export_names_the_install_command_when_a_package_is_missing(run_dir, tmp_path, monkeypatch, capsys):
+    import dymu.deploy
+
+    real = dymu.deploy.has_package
+    monkeypatch.setattr(dymu.deploy, "has_package", lambda name: name != "onnxruntime" and real(name))
+    args = ["export", "--run_dir", str(run_dir), "--r", "1", "0", "0", "--c", "0", "--format", "onnx",
+            "--out", str(tmp_path / "m.onnx")]
+    assert entry_point(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "onnxruntime" in err and "pip install 'dymu[deploy]'" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+# ---------------------------------------------------------------- show
+
+
+def test_tree_drawing_marks_exactly_the_used_nodes_and_cross_edges():
+    arch = Architecture(((0, 1, 2), (0, 0, 2), (0, 1, 2), (1, 1, 1)))
+    drawing = tree_drawing(arch, ["semseg", "depth", "normals"])
+    # heads all read block 3 of stream 1; it reads block 2 of stream 1, which reads block 1 of stream 0 (cross)
+    assert drawing.used_nodes() == {(0, 0), (1, 0), (2, 1), (3, 1)}
+    assert {(e.layer, e.parent, e.child) for e in drawing.cross_edges()} == {(1, 0, 1), (3, 1, 0), (3, 1, 2)}
+    assert {(e.layer, e.parent, e.child) for e in drawing.edges} == {(0, 0, 0), (1, 0, 1), (2, 1, 1), (3, 1, 0),
+                                                                     (3, 1, 1), (3, 1, 2)}
+    fig = draw_tree(drawing)
+    markers = {c.get_label(): {(int(x), int(y)) for x, y in c.get_offsets()} for c in fig.axes[0].collections}
+    assert markers["used"] == {(t, k) for k, t in drawing.used_nodes()}
+    assert markers["unused"] == {(t, k) for k in range(4) for t in range(3)} - markers["used"]
+    text = render_text(drawing).splitlines()
+    assert text[1].split() == ["heads", "o<1", "o", "o<1"]
+    assert [row.split() for row in text[2:6]] == [["block", "3", ".", "o", "."], ["block", "2", ".", "o<0", "."],
+                                                  ["block", "1", "o", ".", "."], ["block", "0", "o", ".", "."]]
+
+
+def test_dymu_show_prints_the_tree_and_its_cost(run_dir, model, tmp_path, capsys):
+    out = tmp_path / "tree.png"
+    assert entry_point(["show", "--run_dir", str(run_dir), "--r", *map(str, R), "--c", str(C), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    arch, cost = model.architecture(R, C), model.cost(R, C)
+    assert f"tree {arch};" in printed and f"{cost['params']:,} params" in printed
+    assert render_text(tree_drawing(arch, model.tasks)) in printed
+    assert Image.open(out).size[0] > 100
+
+
+# ---------------------------------------------------------------- predict
+
+
+def test_predict_writes_every_task_of_every_image_and_matches_the_model(run_dir, model, scene_files, tmp_path):
+    out = tmp_path / "pred"
+    args = ["predict", "--run_dir", str(run_dir), "--r", *map(str, R), "--c", str(C), "--out", str(out),
+            "--batch_size", "4", str(scene_files)]
+    assert entry_point(args) == 0
+    names = sorted(p.stem for p in scene_files.glob("*.png"))
+    for task in model.tasks:
+        assert sorted(p.stem for p in (out / task).iterdir()) == names
+    with torch.no_grad():
+        expected = model(read_back(scene_files), R, C)
+    labels = np.stack([np.asarray(Image.open(out / "semseg" / f"{n}.png")) for n in names])
+    assert Image.open(out / "semseg" / f"{names[0]}.png").mode == "P"
+    assert (labels == expected["semseg"].argmax(1).numpy()).mean() > 0.999
+    normals = np.stack([np.asarray(Image.open(out / "normals" / f"{n}.png"), dtype=np.float64) for n in names])
+    want = (torch.nn.functional.normalize(expected["normals"], dim=1) + 1) / 2 * 255
+    assert np.abs(normals - want.permute(0, 2, 3, 1).numpy()).max() <= 0.51
+    depth = np.asarray(Image.open(out / "depth" / f"{names[1]}.png"), dtype=np.int64)
+    assert np.abs(depth - colour_map(expected["depth"][1, 0].numpy()).astype(np.int64)).max() <= 1
+    summary = json.loads((out / "predict.json").read_text())
+    assert summary["tree"]["parents"] == model.architecture(R, C).to_list() and len(summary["inputs"]) == 6
+
+
+def test_class_scores_are_written_as_json(tmp_path):
+    logits = torch.tensor([0.5, 2.0, -1.0])
+    path = write_output("classification", logits, tmp_path / "img")
+    record = json.loads(path.read_text())
+    assert path.suffix == ".json" and record["class"] == 1
+    assert record["scores"] == pytest.approx(torch.softmax(logits, 0).tolist())
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 1
+
+
+def bad_image(folder, name, mode, size):
+    path = folder / name
+    Image.new(mode, size).save(path)
+    return path
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("off_simplex", "sum to 1"),
+    ("wrong_count", "3"),
+    ("c_range", "[0, 1]"),
+    ("budget_range", "budget"),
+    ("unreadable", "cannot read image"),
+    ("wrong_size", "the model takes 16x16"),
+    ("wrong_channels", "the model takes 3-channel"),
+    ("no_stage", "no finished edge or weight stage"),
+    ("no_run", "does not exist"),
+])
+def test_bad_input_is_one_line_and_exit_1(run_dir, scene_files, tmp_path, capsys, case, expected):
+    r, c, extra, inputs, run = ["0.6", "0.3", "0.1"], "0.5", [], [str(scene_files)], str(run_dir)
+    if case == "off_simplex":
+        r = ["0.6", "0.3", "0.3"]
+    elif case == "wrong_count":
+        r = ["0.5", "0.5"]
+    elif case == "c_range":
+        c = "1.5"
+    elif case == "budget_range":
+        extra = ["--budget", "1.5"]
+    elif case == "unreadable":
+        (tmp_path / "broken.png").write_text("not an image")
+        inputs.append(str(tmp_path / "broken.png"))
+    elif case == "wrong_size":
+        inputs.append(str(bad_image(tmp_path, "big.png", "RGB", (32, 16))))
+    elif case == "wrong_channels":
+        inputs.append(str(bad_image(tmp_path, "grey.png", "L", (16, 16))))
+    elif case == "no_stage":
+        (tmp_path / "half" / "configs").mkdir(parents=True)
+        run = str(tmp_path / "half")
+    elif case == "no_run":
+        run = str(tmp_path / "missing")
+    out = tmp_path / "out"
+    code = entry_point(["predict", "--run_dir", run, "--r", *r, "--c", c, *extra, "--out", str(out), *inputs])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.count("\n") == 0 and err.startswith("dymu predict: error:") and expected in err, err
+    assert not out.exists(), "nothing is written when an input is bad"
