@@ -41,10 +41,11 @@ def parse_r(values: Sequence[str]) -> list[float]:
         raise ValueError(f"--r takes one number per task (e.g. --r 0.8 0.1 0.1), got {' '.join(values)!r}") from err
 
 
-def add_preference_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run_dir", required=True, help="a run directory written by `dymu run`")
-    parser.add_argument("--r", nargs="+", required=True, help="task preference, one weight per task, summing to 1")
-    parser.add_argument("--c", type=float, required=True, help="cost preference in [0, 1] (1 = frugal)")
+def add_preference_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--run_dir", required=required, help="a run directory written by `dymu run`")
+    parser.add_argument("--r", nargs="+", required=required,
+                        help="task preference, one weight per task, summing to 1")
+    parser.add_argument("--c", type=float, required=required, help="cost preference in [0, 1] (1 = frugal)")
     parser.add_argument("--budget", type=float, default=None,
                         help="at most this fraction (0, 1] of the anchor's --budget_metric")
     parser.add_argument("--budget_metric", choices=["params", "flops"], default="params")
@@ -321,29 +322,67 @@ def write_output(kind: str, output: Tensor, path_stem: Path) -> Path:
 
 
 def predict_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dymu predict", description="per-task outputs of images for a preference")
-    add_preference_arguments(parser)
+    parser = argparse.ArgumentParser(prog="dymu predict", description="per-task outputs of images for a preference, "
+                                     "from a run (--run_dir, --r, --c) or from a file of `dymu export` (--model)")
+    add_preference_arguments(parser, required=False)
+    parser.add_argument("--model", default=None, help="a file written by `dymu export` (its F.json beside it)")
     parser.add_argument("--out", required=True, help="output folder: OUT/<task>/<image name>.png|json")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("inputs", nargs="+", help="image files or folders of images")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
-    served = Served.load(args)
-    shape = served.model.input_shape
+    if args.model is not None:
+        if args.run_dir is not None or args.r is not None or args.c is not None or args.budget is not None:
+            raise ValueError("pass either --model (an exported file, whose preference is fixed) or --run_dir with "
+                             "--r and --c, not both")
+        summary, predict, header = exported_predictor(Path(args.model))
+    else:
+        missing = [f"--{k}" for k in ("run_dir", "r", "c") if getattr(args, k) is None]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}: pass --run_dir D --r R... --c C (or --model F)")
+        served = Served.load(args)
+        net = served.specialize(fold_bn=True)
+        summary, header = served.summary(), served.header()
+        tasks = served.model.tasks
+
+        def predict(x: Tensor) -> list[Tensor]:
+            outputs = net(x)
+            return [outputs[t] for t in tasks]
+
+    shape = summary["input_shape"]
     if shape is None or len(shape) != 3:
-        raise ValueError(f"dymu predict reads images; this run's model takes inputs of shape {shape}")
+        raise ValueError(f"dymu predict reads images; this model takes inputs of shape {shape}")
     files = image_files(args.inputs)
     for path in files:  # every input is checked before anything is computed or written
         check_image(path, shape)
-    net = served.specialize(fold_bn=True)
-    print(served.header())
-    predict_files(files, lambda x: [net(x)[t] for t in served.model.tasks], served.model.anchor.task_configs,
-                  int(shape[0]), Path(args.out), args.batch_size)
-    (Path(args.out) / "predict.json").write_text(json.dumps({**served.summary(),
-                                                             "inputs": [str(p) for p in files]}, indent=1))
-    print(f"wrote {len(files)} x {served.model.n_tasks} outputs under {args.out}")
+    print(header)
+    predict_files(files, predict, summary["tasks"], int(shape[0]), Path(args.out), args.batch_size)
+    (Path(args.out) / "predict.json").write_text(json.dumps({**summary, "inputs": [str(p) for p in files]},
+                                                            indent=1))
+    print(f"wrote {len(files)} x {len(summary['tasks'])} outputs under {args.out}")
     return 0
+
+
+def exported_predictor(path: Path) -> tuple[dict[str, Any], Callable[[Tensor], list[Tensor]], str]:
+    """An exported file's record (``F.json``), its forward and a header line."""
+    from dymu.deploy import ExportedModel
+
+    meta = path.with_name(path.name + ".json")
+    if not path.is_file():
+        raise FileNotFoundError(f"exported model {path} does not exist")
+    if not meta.is_file():
+        raise FileNotFoundError(f"{meta} does not exist: pass a file written by `dymu export` with its JSON beside it")
+    try:
+        summary = json.loads(meta.read_text())
+        fmt = summary["format"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{meta} is not the record `dymu export` writes ({err})") from err
+    exported = ExportedModel(path, fmt)
+    pref = summary["preference"]
+    header = (f"{path} ({fmt}): r = ({', '.join(f'{v:.3g}' for v in pref['r'])}), c = {pref['c']:g}; "
+              f"{summary['params']:,} params, {summary['gflops']:.4g} GFLOPs")
+    return summary, exported, header
 
 
 def unique_stems(files: Sequence[Path]) -> list[str]:

@@ -296,6 +296,16 @@ def test_predict_writes_every_task_of_every_image_and_matches_the_model(run_dir,
     summary = json.loads((out / "predict.json").read_text())
     assert summary["tree"]["parents"] == model.architecture(R, C).to_list() and len(summary["inputs"]) == 6
 
+    # the same from an exported file
+    exported, out2 = tmp_path / "model.pt2", tmp_path / "pred2"
+    assert entry_point(["export", "--run_dir", str(run_dir), "--r", *map(str, R), "--c", str(C), "--format", "pt2",
+                        "--out", str(exported), "--real_images", "0"]) == 0
+    assert entry_point(["predict", "--model", str(exported), "--out", str(out2), str(scene_files)]) == 0
+    labels2 = np.stack([np.asarray(Image.open(out2 / "semseg" / f"{n}.png")) for n in names])
+    assert (labels2 == labels).mean() > 0.999
+    normals2 = np.stack([np.asarray(Image.open(out2 / "normals" / f"{n}.png"), dtype=np.float64) for n in names])
+    assert np.abs(normals2 - normals).max() <= 1
+
 
 def test_class_scores_are_written_as_json(tmp_path):
     logits = torch.tensor([0.5, 2.0, -1.0])
@@ -324,6 +334,8 @@ def bad_image(folder, name, mode, size):
     ("wrong_channels", "the model takes 3-channel"),
     ("no_stage", "no finished edge or weight stage"),
     ("no_run", "does not exist"),
+    ("model_and_run", "not both"),
+    ("no_preference", "missing --r, --c"),
 ])
 def test_bad_input_is_one_line_and_exit_1(run_dir, scene_files, tmp_path, capsys, case, expected):
     r, c, extra, inputs, run = ["0.6", "0.3", "0.1"], "0.5", [], [str(scene_files)], str(run_dir)
@@ -347,8 +359,11 @@ def test_bad_input_is_one_line_and_exit_1(run_dir, scene_files, tmp_path, capsys
         run = str(tmp_path / "half")
     elif case == "no_run":
         run = str(tmp_path / "missing")
+    elif case == "model_and_run":
+        extra = ["--model", str(tmp_path / "m.onnx")]
     out = tmp_path / "out"
-    code = entry_point(["predict", "--run_dir", run, "--r", *r, "--c", c, *extra, "--out", str(out), *inputs])
+    preference = ["--r", *r, "--c", c] if case != "no_preference" else []
+    code = entry_point(["predict", "--run_dir", run, *preference, *extra, "--out", str(out), *inputs])
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.count("\n") == 0 and err.startswith("dymu predict: error:") and expected in err, err
     assert not out.exists(), "nothing is written when an input is bad"
