@@ -88,16 +88,51 @@ def draw_tree(drawing: TreeDrawing, path: str | Path | None = None, title: str =
     """The tree as a figure (written as PNG to ``path`` if given): one column per task's stream, block layers
     bottom up and the heads on top; used nodes filled, unused ones hollow and grey; edges of the tree drawn,
     cross-task edges in red. The node markers are the collections labelled ``"used"`` and ``"unused"``."""
-    import matplotlib
     from matplotlib.figure import Figure
 
     n, depth = len(drawing.tasks), drawing.n_layers
     fig = Figure(figsize=(1.6 + 1.3 * n, 1.6 + 0.45 * (depth + 2)))
-    ax = fig.subplots()
+    draw_on(fig.subplots(), drawing, title)
+    fig.tight_layout()
+    return _saved(fig, path)
+
+
+def draw_tree_grid(cells: Sequence[Sequence[tuple[TreeDrawing, str]]], path: str | Path | None = None,
+                   title: str = ""):  # noqa: ANN201 - a Figure
+    """Trees side by side (the paper's figures 16-17): ``cells[row][column]`` is ``(drawing, title)``."""
+    from matplotlib.figure import Figure
+
+    rows, cols = len(cells), max(len(row) for row in cells)
+    n, depth = len(cells[0][0][0].tasks), cells[0][0][0].n_layers
+    fig = Figure(figsize=(cols * (1.0 + 1.0 * n), rows * (1.4 + 0.35 * (depth + 2))))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, row in enumerate(cells):
+        for j in range(cols):
+            if j < len(row):
+                draw_on(axes[i][j], *row[j], labels=j == 0)
+            else:
+                axes[i][j].set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _saved(fig, path)
+
+
+def _saved(fig, path: str | Path | None):  # noqa: ANN001, ANN202
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def draw_on(ax, drawing: TreeDrawing, title: str = "", labels: bool = True) -> None:  # noqa: ANN001
+    """Draw ``drawing`` on the matplotlib axes ``ax`` (``draw_tree``'s picture)."""
+    import matplotlib
+
+    n, depth = len(drawing.tasks), drawing.n_layers
     colours = matplotlib.colormaps["tab10"]
     used = sorted(drawing.used_nodes())
     unused = [(k, t) for k in range(depth) for t in range(n) if (k, t) not in set(used)]
-    head_y = depth
     for t in range(n):  # the image feeds every used layer-0 node
         if drawing.used[0][t]:
             ax.plot([(n - 1) / 2, t], [-1, 0], color="0.6", lw=1, zorder=1)
@@ -108,20 +143,16 @@ def draw_tree(drawing: TreeDrawing, path: str | Path | None = None, title: str =
                zorder=2, label="unused")
     ax.scatter([t for _, t in used], [k for k, _ in used], s=90, c=[colours(t % 10) for _, t in used],
                edgecolors="black", zorder=3, label="used")
-    ax.scatter(range(n), [head_y] * n, s=160, marker="s", c=[colours(t % 10) for t in range(n)], edgecolors="black",
+    ax.scatter(range(n), [depth] * n, s=160, marker="s", c=[colours(t % 10) for t in range(n)], edgecolors="black",
                zorder=3, label="heads")
     ax.scatter([(n - 1) / 2], [-1], s=120, marker="D", c="0.5", zorder=3, label="input")
-    ax.set_xticks(range(n), drawing.tasks)
-    ax.set_yticks(range(-1, depth + 1), ["input", *[f"block {k}" for k in range(depth)], "heads"])
+    ax.set_xticks(range(n), drawing.tasks, fontsize=8)
+    ax.set_yticks(range(-1, depth + 1), ["input", *[f"block {k}" for k in range(depth)], "heads"] if labels else [],
+                  fontsize=8)
     ax.set_xlim(-0.6, n - 0.4)
     ax.set_ylim(-1.6, depth + 0.6)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     cross = len(drawing.cross_edges())
     ax.set_title(title + ("\n" if title else "") + f"{len(used)}/{depth * n} nodes, {cross} cross-task edges (red)",
-                 fontsize=9)
-    fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    return fig
+                 fontsize=8)

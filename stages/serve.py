@@ -51,6 +51,16 @@ def add_preference_arguments(parser: argparse.ArgumentParser, required: bool = T
     parser.add_argument("--budget_metric", choices=["params", "flops"], default="params")
 
 
+def load_run_model(run_dir: str | Path) -> tuple[DynamicMultiTaskModel, Path]:
+    """The controllable model of a finished run (one-line errors for a missing folder or stage)."""
+    from stages.layout import RunLayout
+
+    layout = RunLayout(run_dir)
+    if not layout.root.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist: pass the folder that `dymu run` wrote")
+    return DynamicMultiTaskModel.from_checkpoint(layout.model_checkpoint()), layout.root
+
+
 @dataclass
 class Served:
     """A run's model at one preference: its tree, cost and the anchor's cost."""
@@ -67,21 +77,20 @@ class Served:
 
     @classmethod
     def load(cls, args: argparse.Namespace) -> Served:
-        from stages.layout import RunLayout
+        """The run's model at the preference of the command line."""
+        model, root = load_run_model(args.run_dir)
+        return cls.at(model, root, parse_r(args.r), args.c, args.budget, args.budget_metric)
 
-        layout = RunLayout(args.run_dir)
-        if not layout.root.is_dir():
-            raise FileNotFoundError(f"run directory {args.run_dir} does not exist: pass the folder that `dymu run` "
-                                    "wrote")
-        model = DynamicMultiTaskModel.from_checkpoint(layout.model_checkpoint())
-        r = parse_r(args.r)
-        if not math.isfinite(args.c):
-            raise ValueError(f"--c must be a number in [0, 1], got {args.c}")
-        pref = model.preference(r, args.c)
-        arch = model.architecture(pref, budget=args.budget, budget_metric=args.budget_metric)
+    @classmethod
+    def at(cls, model: DynamicMultiTaskModel, run_dir: Path, r: Sequence[float], c: float, budget: float | None = None,
+           budget_metric: str = "params") -> Served:
+        if not math.isfinite(c):
+            raise ValueError(f"--c must be a number in [0, 1], got {c}")
+        pref = model.preference(r, c)
+        arch = model.architecture(pref, budget=budget, budget_metric=budget_metric)
         costs = model.node_costs()
         anchor = Architecture.anchor(model.n_tasks, model.anchor.n_layers)
-        return cls(model, layout.root, [float(v) for v in pref.r], float(pref.c), args.budget, args.budget_metric,
+        return cls(model, run_dir, [float(v) for v in pref.r], float(pref.c), budget, budget_metric,
                    arch, costs.cost(arch), costs.cost(anchor))
 
     def forward_kwargs(self) -> dict[str, Any]:
@@ -120,17 +129,61 @@ class Served:
 # ---------------------------------------------------------------- show
 
 
+GRID_C = (0.0, 0.5, 1.0)
+
+
 def show_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dymu show", description="the tree of a preference, as text and PNG")
-    add_preference_arguments(parser)
-    parser.add_argument("--out", default=None, help="also draw the tree into this PNG")
+    parser = argparse.ArgumentParser(prog="dymu show", description="the tree of a preference, as text and PNG; "
+                                     "with --grid the trees of the uniform and one-hot preferences at c = 0, 0.5, 1")
+    add_preference_arguments(parser, required=False)
+    parser.add_argument("--grid", action="store_true",
+                        help="the uniform and every one-hot preference at c = 0, 0.5 and 1 (the paper's figures 16-17)")
+    parser.add_argument("--out", default=None, help="also draw the tree (or the grid) into this PNG")
     args = parser.parse_args(argv)
+    if args.run_dir is None:
+        raise ValueError("missing --run_dir: pass the folder that `dymu run` wrote")
+    if args.grid:
+        if args.r is not None or args.c is not None:
+            raise ValueError("--grid shows fixed preferences: pass it without --r and --c")
+        model, root = load_run_model(args.run_dir)
+        return show_grid(model, root, args.budget, args.budget_metric, args.out)
+    missing = [f"--{k}" for k in ("r", "c") if getattr(args, k) is None]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}: pass --r R... --c C (or --grid)")
     served = Served.load(args)
     drawing = tree_drawing(served.architecture, served.model.tasks)
     print(render_text(drawing, served.header()))
     if args.out:
         draw_tree(drawing, args.out, f"{served.preference_text()}\n{served.cost_text()}")
         print(f"wrote {args.out}")
+    return 0
+
+
+def grid_preferences(n: int) -> list[tuple[str, list[float]]]:
+    """The uniform preference and the N one-hot ones, named."""
+    return [("uniform", [1.0 / n] * n)] + [(f"one-hot {t}", [float(i == t) for i in range(n)]) for t in range(n)]
+
+
+def show_grid(model: DynamicMultiTaskModel, run_dir: Path, budget: float | None, budget_metric: str,
+              out: str | None) -> int:
+    """Print (and draw) the trees of ``grid_preferences`` at every c of ``GRID_C``."""
+    from dymu.treeview import draw_tree_grid
+
+    cells = []
+    for name, r in grid_preferences(model.n_tasks):
+        row = []
+        label = name if not name.startswith("one-hot") else f"only {model.tasks[int(name.split()[1])]}"
+        for c in GRID_C:
+            served = Served.at(model, run_dir, r, c, budget, budget_metric)
+            print(f"{label}, c = {c:g}: tree {served.architecture}; {served.cost_text()}")
+            p, f = served.cost["params"] / served.anchor_cost["params"], served.cost["flops"] / served.anchor_cost["flops"]
+            row.append((tree_drawing(served.architecture, model.tasks),
+                        f"{label}, c = {c:g}\nparams {p:.2f}, GFLOPs {f:.2f} of the anchor"))
+        cells.append(row)
+    if out:
+        draw_tree_grid(cells, out, f"trees of {run_dir.name}" + (f" within {budget:g} of the anchor's {budget_metric}"
+                                                                 if budget is not None else ""))
+        print(f"wrote {out}")
     return 0
 
 

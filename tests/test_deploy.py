@@ -367,3 +367,14 @@ def test_bad_input_is_one_line_and_exit_1(run_dir, scene_files, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.count("\n") == 0 and err.startswith("dymu predict: error:") and expected in err, err
     assert not out.exists(), "nothing is written when an input is bad"
+
+
+def test_dymu_show_grid_draws_the_uniform_and_one_hot_trees_at_three_costs(run_dir, model, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert entry_point(["show", "--run_dir", str(run_dir), "--grid", "--out", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if ", c = " in line]
+    prefs = [[1 / 3] * 3, [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]
+    assert len(lines) == len(prefs) * 3
+    for line, (r, c) in zip(lines, [(r, c) for r in prefs for c in (0.0, 0.5, 1.0)]):
+        assert f"c = {c:g}: tree {model.architecture(r, c)};" in line
+    assert Image.open(out).size[1] > Image.open(out).size[0]  # four rows of three
