@@ -228,9 +228,10 @@ def export_main(argv: list[str] | None = None) -> int:
         raise ValueError("the run's model records no input shape; cannot build an example input to export")
     from dymu.deploy import LeanNet
 
-    lean = served.specialize(fold_bn=True)
     if args.no_fold:
-        lean = LeanNet.create(served.specialize(fold_bn=False), fold_bn=False)
+        lean = LeanNet.create(served.specialize(fold_bn=False), fold_bn=False, copy_modules=False)
+    else:
+        lean = served.specialize(fold_bn=True)
     gen = torch.Generator().manual_seed(0)
     example = torch.rand(2, *model.input_shape, generator=gen) * 2 - 1
     out = export_model(lean, example, args.out, args.format)
