@@ -9,12 +9,12 @@ small search space (``N ** L`` paths) every path's loss can be measured once on 
     argmin_T  sum_t r_t * L_t(path_t(T)) / L_t(anchor)  +  mu(c) * cost(T) / cost(anchor)
     subject to cost(T) / cost(anchor) <= B (an optional budget),
 
-with ``mu(c) = lambda * (gamma + (1 - gamma) * c)``: ``lambda`` is calibrated on the anchor
-(``calibrate_trade_off``) so that the break-even ``c`` of the single merges lies at 0.5 for their median,
-``gamma`` (``base_frugality``) is the small pressure that lets the branches of tasks that barely matter for
-``r`` merge at ``c = 0``, as the paper's inactive loss does. The minimum is exact: the trees are enumerated
-(``enumerate_trees``) when there are at most ``EXACT_TREE_LIMIT`` of them, else found by a local search
-(``local_search``) whose optimality gap is measured in docs/controllability.md.
+with ``mu(c) = lambda * (gamma + (1 - gamma) * c)``: ``lambda`` is calibrated on the anchor's measurements
+(``calibrate_trade_off``) so that the uniform preference's sharing steps break even across ``c``, the last one
+(down to one stream) at ``c = 0.9``; ``gamma`` (``base_frugality``) is the small price that lets the branches of
+tasks that barely matter for ``r`` merge at ``c = 0``, as the paper's inactive loss does. The minimum is
+exact: the trees are enumerated (``enumerate_trees``) when there are at most ``EXACT_TREE_LIMIT`` of them, else
+found by a local search (``local_search``) whose optimality gap is measured in docs/controllability.md.
 
 The same search finds the most probable tree of the edge hypernet's distribution within a budget
 (``most_probable_tree``): the objective is then minus the log-probability of the used edges.
@@ -108,7 +108,6 @@ def enumerate_trees(n_tasks: int, n_layers: int) -> Tensor:
     if total > EXACT_TREE_LIMIT:
         raise ValueError(f"{total} trees for N={n_tasks}, L={n_layers}: too many to enumerate "
                          f"(limit {EXACT_TREE_LIMIT}); use local_search")
-    rows: list[list[tuple[int, ...]]] = [[]]
     # build from the heads down: at each row, the used children choose among the N parents
     partial: list[tuple[list[tuple[int, ...]], tuple[int, ...]]] = [([], tuple(range(n_tasks)))]
     for _ in reversed(range(n_layers)):
@@ -120,9 +119,9 @@ def enumerate_trees(n_tasks: int, n_layers: int) -> Tensor:
                     row[j] = p
                 nxt.append(([tuple(row), *done], tuple(sorted(set(choice)))))
         partial = nxt
-    rows = [done for done, _ in partial]
-    out = torch.tensor(rows, dtype=torch.long)
-    assert out.shape[0] == total, (out.shape, total)
+    out = torch.tensor([done for done, _ in partial], dtype=torch.long)
+    if out.shape[0] != total:  # the enumeration and the count are two derivations of one number
+        raise RuntimeError(f"enumerated {out.shape[0]} trees for N={n_tasks}, L={n_layers}, counted {total}")
     return out
 
 
@@ -244,6 +243,9 @@ def minimize_tree(objective: Objective, cost: Objective, n_tasks: int,
         best = trees[pick(objective(trees), costs, feasible)]
     else:
         best = local_search(objective, cost, search_starts(n_tasks, n_layers, starts), budget)
+        # unused children keep their own stream, as in the enumeration: one parent table per tree
+        used = Trees(best.unsqueeze(0)).children[0]
+        best = torch.where(used, best, torch.arange(n_tasks).expand_as(best))
     return Architecture(tuple(tuple(row) for row in best.tolist()))
 
 

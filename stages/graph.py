@@ -101,7 +101,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           module="lightning_modules.anchor:AnchorPretraining", shared=("backbone",), link_input_shape=True),
     Stage("affinity", "the anchor's RSA task affinity (computed, no training)", parents=("anchor",),
           compute="stages.affinity:affinity_step"),
-    Stage("edge", "stage 2: train the edge hypernet (preference -> tree)", parents=("anchor", "affinity"),
+    Stage("edge", "stage 2: the tree of each preference: the measured controller, or the Gumbel search of the edge "
+          "hypernet", parents=("anchor", "affinity"),
           module="lightning_modules.edge:EdgeHypernetSearch", seeded=True,
           inputs={"anchor_checkpoint": ("anchor", lambda lay: lay.final("anchor")),
                   "affinity": ("affinity", lambda lay: lay.affinity)}),

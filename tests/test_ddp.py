@@ -28,3 +28,27 @@ def test_every_stage_runs_under_two_process_ddp(tmp_path: Path):
     key = "model.anchor.streams.1.1.body.0.0.weight"
     assert torch.equal(anchor[key], weight[key]), "the anchor must stay frozen under DDP"
     assert (run_dir / "evaluation" / "metrics.json").is_file()
+
+
+def test_measured_controller_under_two_process_ddp_sums_every_shard(tmp_path: Path):
+    """The edge stage's path losses under DDP: each process measures its shard of the validation set and the
+    sums add up to one process's measurement of the whole set; the anchor's random trees agree across
+    processes (seeded by the step)."""
+    from datamodules.synthetic import SyntheticScenesDataModule
+    from dymu.controller import measure_path_losses
+    from dymu.model import DynamicMultiTaskModel
+
+    config = tiny_config(steps=4, logger=CSV)
+    config["anchor"]["model"] = {"random_tree_weight": 0.25}
+    config["edge"]["model"] = {"search": "measured", "embed_dim": 8, "hidden": 16, "preference_groups": 4}
+    for stage in ("anchor", "edge"):
+        config[stage]["trainer"].update({"devices": 2, "strategy": "ddp"})
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_dir = run_pipeline(path, tmp_path / "run", stages=("edge",))
+    model = DynamicMultiTaskModel.from_checkpoint(run_dir / "edge" / "final.ckpt")
+    data = SyntheticScenesDataModule(**config["data"]["init_args"])
+    data.setup("fit")
+    sums, supports = measure_path_losses(model.anchor, data.tasks, data.val_dataloader())
+    torch.testing.assert_close(model.controller.supports, supports)
+    torch.testing.assert_close(model.controller.path_loss_sums, sums, rtol=1e-5, atol=1e-7)

@@ -281,3 +281,14 @@ def test_evaluation_with_budgets(measured_run, capsys):
     assert (measured_run / "evaluation" / "cost_accuracy.png").is_file()
     assert cli(["evaluate", "--run_dir", str(measured_run), "--budgets", "0.05"]) == 1
     assert "below the cheapest tree" in capsys.readouterr().err
+
+
+def test_info_prints_the_runs_controller(measured_run, finished_run, capsys):
+    from dymu.checkpoint import load_checkpoint
+
+    assert entry_point(["info", "--run_dir", str(measured_run)]) == 0
+    out = capsys.readouterr().out
+    lam = load_checkpoint(measured_run / "edge" / "final.ckpt")["dymu"]["calibration"]["trade_off"]
+    assert f"trade-off lambda        {lam:.4g}" in out and "27 measured paths; 3,159 trees, searched exactly" in out
+    assert entry_point(["info", "--run_dir", str(finished_run[0])]) == 0
+    assert "Gumbel search (no measured controller)" in capsys.readouterr().out
