@@ -332,6 +332,8 @@ def render_report(result: dict[str, Any]) -> str:
         "marginal_controllability": "each task's scaled test loss against its own preference r_t, c in {0, 1}, "
                                     "with and without adaptation; dashed: the single-task anchor (the paper's "
                                     "figure 7)",
+        "trees": "the trees of the uniform and one-hot preferences at c = 0, 0.5 and 1, used nodes filled and "
+                 "cross-task edges dashed (the paper's figures 16-17; `dymu show --grid` prints them as text)",
         "cost_accuracy": "hypervolume over the anchor's against mean parameters over the anchor's: dymu at c = 0 "
                          "and 1, within each budget, and the baselines of `dymu compare` when the run has them",
     }

@@ -27,7 +27,7 @@ from dymu.preference import Preference
 from dymu.search_space import Architecture
 
 PLOT_FILES = {"resource_usage": "resource_usage.png", "marginal_controllability": "marginal_controllability.png",
-              "cost_accuracy": "cost_accuracy.png"}
+              "trees": "trees.png", "cost_accuracy": "cost_accuracy.png"}
 """File names of the figures ``write_plots`` puts beside ``report.md``."""
 
 RESOURCE_CS = (0.0, 0.5, 1.0)
@@ -316,6 +316,27 @@ def plot_cost_accuracy(points: Sequence[dict[str, Any]], path: str | Path) -> Pa
     return Path(path)
 
 
+def plot_tree_grid(model: DynamicMultiTaskModel, path: str | Path) -> Path:
+    """The trees of the uniform and one-hot preferences at c = 0, 0.5, 1 (the paper's figures 16-17), drawn as
+    ``dymu show --grid`` draws them."""
+    from dymu.treeview import draw_tree_grid, tree_drawing
+    from stages.serve import GRID_C, grid_preferences
+
+    anchor = model.node_costs().cost(Architecture.anchor(model.n_tasks, model.anchor.n_layers))
+    cells = []
+    for name, r in grid_preferences(model.n_tasks):
+        label = name if not name.startswith("one-hot") else f"only {model.tasks[int(name.split()[1])]}"
+        row = []
+        for c in GRID_C:
+            arch = model.architecture(r, c)
+            cost = model.node_costs().cost(arch)
+            fractions = f"params {cost['params'] / anchor['params']:.2f}, GFLOPs {cost['flops'] / anchor['flops']:.2f}"
+            row.append((tree_drawing(arch, model.tasks), f"{label}, c = {c:g}\n{fractions} of the anchor"))
+        cells.append(row)
+    draw_tree_grid(cells, path, "trees of the uniform and one-hot preferences")
+    return Path(path)
+
+
 def write_plots(model: DynamicMultiTaskModel, result: dict[str, Any], out_dir: str | Path,
                 baselines: Sequence[dict[str, Any]] = ()) -> dict[str, str]:
     """Write the figures of ``PLOT_FILES`` into ``out_dir`` (``cost_accuracy`` when ``result`` has budget
@@ -323,6 +344,7 @@ def write_plots(model: DynamicMultiTaskModel, result: dict[str, Any], out_dir: s
     out_dir = Path(out_dir)
     plot_resource_usage(model, out_dir / PLOT_FILES["resource_usage"])
     plot_marginal_controllability(result, out_dir / PLOT_FILES["marginal_controllability"])
+    plot_tree_grid(model, out_dir / PLOT_FILES["trees"])
     files = {k: v for k, v in PLOT_FILES.items() if k != "cost_accuracy"}
     if result.get("budget_records"):
         plot_cost_accuracy(cost_accuracy_points(result, baselines), out_dir / PLOT_FILES["cost_accuracy"])

@@ -157,6 +157,7 @@ def test_marginal_plot_is_written(n_tasks, tmp_path):
 def test_write_plots_names_both_files(model3, tmp_path):
     plots = write_plots(model3, hand_result(), tmp_path)
     assert plots == {k: v for k, v in PLOT_FILES.items() if k != "cost_accuracy"}  # no budgets evaluated
+    assert "trees" in plots
     for file in plots.values():
         assert_png(tmp_path / file)
 
