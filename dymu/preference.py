@@ -33,7 +33,15 @@ TRAINING_ETA = 0.2
 def _as_array(value: Any) -> np.ndarray:
     """Converts a sequence, numpy array or torch tensor to a float64 numpy array (no validation)."""
     if isinstance(value, Tensor):
+        if value.dtype == torch.bool:
+            raise ValueError(f"preference values must be numbers, not booleans (got {value.tolist()!r})")
         value = value.detach().cpu().to(torch.float64).numpy()
+    try:
+        kind = np.asarray(value).dtype.kind
+    except (TypeError, ValueError):
+        kind = "O"
+    if kind in "USb":
+        raise ValueError(f"preference values must be real numbers (got {value!r}); pass floats, e.g. [0.5, 0.5] and 0.5")
     try:
         return np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError) as err:
@@ -82,6 +90,9 @@ def _checked_c(c: Any) -> float:
     Raises:
         ValueError: if ``c`` is not a finite scalar in [0, 1].
     """
+    if isinstance(c, (str, bytes, bool, np.bool_)) or (isinstance(c, Tensor) and c.dtype == torch.bool):
+        raise ValueError(f"preference c must be a number in [0, 1] (got {c!r} of type {type(c).__name__}); "
+                         "pass a float such as 0.5")
     arr = _as_array(c)
     if arr.ndim != 0:
         raise ValueError(f"preference c must be a scalar (got shape {tuple(arr.shape)}); pass one float")

@@ -207,3 +207,10 @@ def test_embedding_rejects_bad_shapes() -> None:
         emb(torch.tensor([0.5, 0.5]), torch.tensor(0.0))
     with pytest.raises(ValueError, match="c must have shape"):
         emb(torch.tensor([0.2, 0.3, 0.5]), torch.tensor([0.0]))
+
+
+@pytest.mark.parametrize("r, c", [([0.5, 0.5], "0.5"), ([0.5, 0.5], True), (["0.5", "0.5"], 0.5),
+                                  ([True, False], 0.5), (torch.tensor([True, False]), 0.5)])
+def test_strings_and_booleans_are_refused(r, c):
+    with pytest.raises(ValueError, match="must be (a |real )?numbers?"):
+        Preference.create(r, c)
