@@ -300,8 +300,8 @@ def render_report(result: dict[str, Any]) -> str:
               "| --- | " + " | ".join("---" for _ in cs) + " |"]
     for row in grid:
         lines.append(f"| {row['preference']} | " + " | ".join(
-            f"{row['params'][c]:,} (`{row['architecture'][c]}`)" for c in cs) + " |")
-    lines += ["", "Trees are written `parents of layer 1 | ... | parents of the heads`, one stream index per "
+            f"{row['params'][c]:,} (`{row['architecture'][c].replace(' | ', ' / ')}`)" for c in cs) + " |")
+    lines += ["", "Trees are written `parents of layer 1 / ... / parents of the heads`, one stream index per "
               "task.", ""]
     if result.get("budget_records"):
         metric = result["budget_records"][0]["budget_metric"]
