@@ -1,4 +1,4 @@
-"""Task affinity by representation similarity analysis (METHOD.md, "Task affinity Aff").
+"""Task affinity by representation similarity analysis (docs/method.md, "Task affinity").
 
 For every branching layer ``l`` and task ``t``, ``S_l(t)`` is the (K, K) cosine-similarity matrix of the
 anchor's features of node ``(l, t)`` on K images. Two tasks are affine at layer ``l`` when their

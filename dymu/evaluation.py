@@ -1,5 +1,5 @@
-"""The evaluation protocol of METHOD.md in plain torch: loss vectors per preference, hypervolume,
-uniformity, and the inference cost over many preferences.
+"""The evaluation protocol (docs/method.md, "Evaluation protocol") in plain torch: loss vectors per preference,
+hypervolume, uniformity, and the inference cost over many preferences.
 
 The test losses of every evaluated configuration are accumulated in one pass over the data (``LossSums``):
 each ``Evaluated`` pair (a method and a preference) names the configuration that computes it (``key``), so
@@ -80,7 +80,7 @@ def mean_task_losses(forward: Forward, batches: Iterable[Batch], tasks: Sequence
 
 
 def scaled(losses: Tensor, tasks: Sequence[Task]) -> list[float]:
-    """The loss vector of METHOD.md's protocol: ``[w_t * L_t]``."""
+    """The loss vector of the protocol (docs/method.md, "Evaluation protocol"): ``[w_t * L_t]``."""
     return (losses * task_scales(list(tasks))).tolist()
 
 

@@ -29,7 +29,7 @@ class EdgeHypernet(nn.Module):
 
     Args:
         pin_heads: every head keeps its own stream's last block (the heads' parent choice is not searched;
-            METHOD.md's third reading of the layer weighting).
+            the third reading of the layer weighting in docs/method.md, "The regularizer Omega").
         c_conditioning: how ``c`` enters. ``"embedding"`` (the paper's): ``c e_c`` in the embedding, like
             ``r``. ``"affine"``: the logits are ``a(r) + c b(r)``, two sets of heads on an embedding of ``r``
             alone, so the tree at ``c = 0`` has parameters of its own and each edge's preference moves
@@ -106,7 +106,7 @@ class WeightHypernet(nn.Module):
         n_tasks: N.
         batchnorms: BatchNorm name -> channels (``dymu.anchor.batchnorm_names(anchor)``).
         bn_statistics: the modulated BatchNorms normalise with the anchor's ``"running"`` statistics
-            (METHOD.md's default) or with ``"batch"`` statistics.
+            (the default; docs/method.md, "Weight hypernet") or with ``"batch"`` statistics.
     """
 
     def __init__(self, n_tasks: int, batchnorms: Mapping[str, int], embed_dim: int = 32,

@@ -1,4 +1,4 @@
-"""Evaluation metrics of the protocol (METHOD.md, "Evaluation protocol"): hypervolume, uniformity, Delta_m.
+"""Evaluation metrics of the protocol (docs/method.md, "Evaluation protocol"): hypervolume, uniformity, Delta_m.
 
 Inputs may be sequences, numpy arrays or torch tensors; they are converted to float64 numpy arrays.
 """

@@ -1,4 +1,4 @@
-"""Preferences ``(r, c)``, their samplers and their learnable embedding (METHOD.md, "Edge hypernet h").
+"""Preferences ``(r, c)``, their samplers and their learnable embedding (docs/method.md, "Preferences").
 
 A preference is a task weighting ``r`` on the probability simplex (N entries >= 0 that sum to 1) and a
 compute budget ``c`` in [0, 1], where a larger ``c`` asks for a more frugal architecture.
@@ -27,7 +27,7 @@ SUM_TOLERANCE = 1e-6
 """Largest allowed ``|sum(r) - 1|`` for a preference that is not rescaled."""
 
 TRAINING_ETA = 0.2
-"""Dirichlet concentration of the training preference distribution (METHOD.md)."""
+"""Dirichlet concentration of the training preference distribution (docs/method.md, "Preferences")."""
 
 
 def _as_array(value: Any) -> np.ndarray:

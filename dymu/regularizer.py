@@ -1,5 +1,5 @@
-"""The branching regularizer Omega of METHOD.md (0-based layers: ``nu[k]`` picks parents in block layer k
-for the children of layer k + 1; ``nu[L-1]`` holds the heads' choices).
+"""The branching regularizer Omega (docs/method.md, "The regularizer Omega"; 0-based layers: ``nu[k]`` picks
+parents in block layer k for the children of layer k + 1; ``nu[L-1]`` holds the heads' choices).
 
 Every function also takes a batch of G preferences' samples (leading dimensions on ``nu``, ``r``, ``c``,
 ``active``) and returns one value per preference, computed without a Python loop over preferences."""
@@ -34,8 +34,8 @@ LAYER_WEIGHTINGS = ("paper", "all", "none")
 def layer_weights(n_layers: int, weighting: str = "paper") -> list[float]:
     """Weight of the parent choices of block layer ``k`` (0-based; ``k = L-1`` is the heads' choice).
 
-    - ``"paper"``: ``(L - 1 - k) / L``, METHOD.md's ``(L - l) / L`` with ``l = k + 1``: 1 - 1/L near the input
-      down to 0 for the heads' choice;
+    - ``"paper"``: ``(L - 1 - k) / L``, the paper's ``(L - l) / L`` with ``l = k + 1`` (docs/method.md, "The
+      regularizer Omega"): 1 - 1/L near the input down to 0 for the heads' choice;
     - ``"all"``: ``(L - k) / L``, the reading with ``0 <= l < L``: 1 down to 1/L, every decision weighted;
     - ``"none"``: 1 everywhere (the paper's ablation without layer weighting).
     """
@@ -52,7 +52,8 @@ def active_loss(nu: Tensor, usage: Tensor, active: Tensor, affinity: Tensor, wei
     """Pull the parent choices of related active tasks together, more strongly near the input.
 
     ``sum_k sum_{i != j in A} w_k * Aff[i, j] * P[k+1, i] * P[k+1, j] * ||nu[k, i] - nu[k, j]||^2`` with
-    ``w_k = layer_weights(L, weighting)[k]`` (``"paper"``: METHOD.md's ``(L - l) / L`` with ``l = k + 1``).
+    ``w_k = layer_weights(L, weighting)[k]`` (``"paper"``: the paper's ``(L - l) / L`` with ``l = k + 1``;
+    docs/method.md, "The regularizer Omega").
     """
     n_layers, n = nu.shape[-3], nu.shape[-1]
     weights = torch.tensor(layer_weights(n_layers, weighting), dtype=nu.dtype, device=nu.device)

@@ -1,6 +1,6 @@
 """The tree-structured search space: an architecture is a parent choice for every child of every layer.
 
-Indexing (0-based in code, METHOD.md is 1-based): ``parents[k][j]`` is the parent, in block layer ``k``,
+Indexing (0-based, as in docs/method.md; the paper is 1-based): ``parents[k][j]`` is the parent, in block layer ``k``,
 of child ``j`` of layer ``k + 1``. Layers ``0..L-1`` are blocks; "layer ``L``" are the heads, so
 ``parents[L - 1]`` holds the heads' choices. ``parents[k][j] == j`` everywhere is the anchor (N separate
 networks).

@@ -91,7 +91,7 @@ class Task:
     Attributes:
         name: key of the task's target in a batch and of its output in the model's dict.
         out_channels: channels (or units) the head must produce.
-        scale: the loss scale ``w_t`` of METHOD.md.
+        scale: the loss scale ``w_t`` (docs/method.md, "Notation").
     """
 
     name: str

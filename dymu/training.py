@@ -75,8 +75,9 @@ def edge_search_loss(anchor: AnchorNet, edge_hypernet: EdgeHypernet, tasks: Sequ
         affinity: task affinity ``(N, N)``.
         regularizer: keyword arguments of ``dymu.regularizer.omega`` except ``nu, r, c, affinity``.
         noise: Gumbel noise ``(G, L, N, N)`` (tests); default: drawn.
-        straight_through: the task loss of the hard tree with the soft sample's gradient (METHOD.md, Learning
-            to Branch); False: the task loss of the soft mixture itself (the relaxed Gumbel-softmax objective).
+        straight_through: the task loss of the hard tree with the soft sample's gradient (as in Learning to
+            Branch; docs/method.md, "Edge hypernet and Gumbel-softmax search"); False: the task loss of the
+            soft mixture itself (the relaxed Gumbel-softmax objective).
 
     Returns:
         ``loss``, ``task_loss``, ``omega``, ``active``, ``inactive`` (means over groups) and

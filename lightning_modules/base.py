@@ -118,9 +118,9 @@ class PreferenceStage(StageModule):
 
     ``loss_scales="anchor"`` replaces the tasks' scales ``w_t`` in this stage's objective (and its logged
     ``train/loss`` and ``val/loss``) by ``1 / L_t(anchor)`` on the validation set, so the anchor's scaled losses
-    are all 1 and the regularizer weights mean the same on every data set (METHOD.md: the lambdas act
-    relative to the scaled task losses). The values are stored in the checkpoint's metadata
-    (``loss_scales``). ``dymu evaluate`` keeps the configured scales (the paper's protocol).
+    are all 1 and the regularizer weights mean the same on every data set (docs/method.md, "Edge hypernet and
+    Gumbel-softmax search": the lambdas act relative to the scaled task losses). The values are stored in the
+    checkpoint's metadata (``loss_scales``). ``dymu evaluate`` keeps the configured scales (the paper's protocol).
     """
 
     def __init__(self, optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCallable | None,

@@ -30,7 +30,8 @@ class WeightHypernetAdaptation(PreferenceStage):
         preference_groups: G; the batch is split into G groups, each trained for its own preference.
         loss_scales: ``"config"`` or ``"anchor"`` (see ``PreferenceStage``).
         embed_dim, hidden: weight hypernet sizes.
-        bn_statistics: ``"running"`` (the anchor's statistics, METHOD.md's default) or ``"batch"``.
+        bn_statistics: ``"running"`` (the anchor's statistics, the default; docs/method.md, "Weight hypernet")
+            or ``"batch"``.
         seed: seeds the preference sequence.
         val_preferences: random preferences per ``c`` in {0, 1} at validation (plus the uniform one).
     """

@@ -1,4 +1,4 @@
-"""``dymu evaluate --run_dir D``: METHOD.md's evaluation protocol on a finished run.
+"""``dymu evaluate --run_dir D``: the evaluation protocol (docs/method.md, "Evaluation protocol") on a finished run.
 
 Writes ``<run_dir>/evaluation/metrics.json`` (one record per method, adaptation and c, with the
 per-preference loss vectors and trees), ``report.md`` and its figures (``stages.plots``): resource usage over

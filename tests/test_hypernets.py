@@ -25,7 +25,7 @@ def test_edge_hypernet_shapes_and_dependence_on_the_preference():
     b = net(torch.tensor([0.0, 0.0, 1.0]), torch.tensor(1.0))
     assert a.shape == (4, 3, 3)
     assert not torch.allclose(a, b)
-    # sizes of METHOD.md: embedding (3 + 1) x 32, MLP 32 -> 100 -> 100, 4 heads 100 -> 9
+    # sizes of docs/method.md: embedding (3 + 1) x 32, MLP 32 -> 100 -> 100, 4 heads 100 -> 9
     expected = 4 * 32 + (32 * 100 + 100) + (100 * 100 + 100) + 4 * (100 * 9 + 9)
     assert sum(p.numel() for p in net.parameters()) == expected
 

@@ -58,7 +58,7 @@ def naive_active(nu, usage, active, aff):
     layers, n = nu.shape[0], nu.shape[1]
     total = 0.0
     for k in range(layers):
-        weight = (layers - (k + 1)) / layers  # METHOD.md's (L - l) / L, l = k + 1
+        weight = (layers - (k + 1)) / layers  # the paper's (L - l) / L, l = k + 1 (docs/method.md)
         for i in range(n):
             for j in range(n):
                 if i != j and active[i] and active[j]:
