@@ -192,30 +192,66 @@ def neighbours(parents: Tensor) -> Tensor:
     return out
 
 
+def pair_neighbours(parents: Tensor) -> Tensor:
+    """Every parent table that differs from ``parents`` ``(L, N)`` in two choices of two different children,
+    ``(P, L, N)``: the moves a single change cannot reach through a worse tree (e.g. a task leaving a stream
+    and the stream's own child following it)."""
+    n_layers, n = parents.shape
+    k, j, i = (t.flatten() for t in torch.meshgrid(torch.arange(n_layers), torch.arange(n), torch.arange(n),
+                                                    indexing="ij"))
+    moves = torch.nonzero(i != parents[k, j])[:, 0]  # real changes only
+    a, b = torch.triu_indices(len(moves), len(moves), offset=1)
+    a, b = moves[a], moves[b]
+    keep = (k[a] != k[b]) | (j[a] != j[b])  # two different children
+    a, b = a[keep], b[keep]
+    out = parents.unsqueeze(0).repeat(len(a), 1, 1)
+    rows = torch.arange(len(a))
+    out[rows, k[a], j[a]] = i[a]
+    out[rows, k[b], j[b]] = i[b]
+    return out
+
+
 Objective = Callable[[Trees], Tensor]
+
+
+def descend(objective: Objective, cost: Objective, start: Tensor, budget: float | None,
+            neighbourhoods: Sequence[Callable[[Tensor], Tensor]], max_rounds: int = 200) -> tuple[Tensor, float]:
+    """Steepest descent from ``start`` ``(L, N)``: each round takes the best feasible tree of the first
+    neighbourhood that improves on the current one; stops when none does. Returns the tree and its objective."""
+    current = start
+    here = float(objective(Trees(current.unsqueeze(0)))[0])
+    for _ in range(max_rounds):
+        moved = False
+        for neighbourhood in neighbourhoods:
+            cand = Trees(neighbourhood(current))
+            if len(cand) == 0:
+                continue
+            values, costs = objective(cand), cost(cand)
+            feasible = costs <= budget if budget is not None else torch.ones_like(costs, dtype=torch.bool)
+            if not bool(feasible.any()):
+                continue
+            j = pick(values, costs, feasible)
+            if float(values[j]) < here - TIE_TOLERANCE * max(1.0, abs(here)):
+                current, here, moved = cand[j], float(values[j]), True
+                break
+        if not moved:
+            break
+    return current, here
 
 
 def local_search(objective: Objective, cost: Objective, starts: Tensor, budget: float | None = None,
                  max_rounds: int = 200) -> Tensor:
-    """Steepest descent over single parent changes from each start ``(S, L, N)``, keeping ``cost <= budget``;
-    the best tree found, ``(L, N)``. ``objective`` and ``cost`` map ``Trees`` of M trees to ``(M,)``."""
+    """The best tree ``(L, N)`` found by steepest descent from each start ``(S, L, N)`` that fits
+    ``cost <= budget``, over single parent changes and, where none improves, over pairs of changes of two children
+    (the moves a single change cannot reach without passing a worse tree). ``objective`` and ``cost`` map
+    ``Trees`` of M trees to ``(M,)``."""
     best_tree, best_value = None, math.inf
     for start in starts:
         if budget is not None and float(cost(Trees(start.unsqueeze(0)))[0]) > budget:
             continue
-        current = start
-        for _ in range(max_rounds):
-            cand = Trees(neighbours(current))
-            values, costs = objective(cand), cost(cand)
-            feasible = costs <= budget if budget is not None else torch.ones_like(costs, dtype=torch.bool)
-            j = pick(values, costs, feasible)
-            here = objective(Trees(current.unsqueeze(0)))[0]
-            if not float(values[j]) < float(here) - TIE_TOLERANCE * max(1.0, abs(float(here))):
-                break
-            current = cand[j]
-        value = float(objective(Trees(current.unsqueeze(0)))[0])
+        tree, value = descend(objective, cost, start, budget, (neighbours, pair_neighbours), max_rounds)
         if best_tree is None or value < best_value - TIE_TOLERANCE * max(1.0, abs(best_value)):
-            best_tree, best_value = current, value
+            best_tree, best_value = tree, value
     if best_tree is None:
         raise ValueError("no start of the local search fits the budget")
     return best_tree
@@ -229,6 +265,11 @@ def search_starts(n_tasks: int, n_layers: int, extra: Iterable[Tensor] = ()) -> 
     return torch.stack(trees)
 
 
+def enumerable(n_tasks: int, n_layers: int) -> bool:
+    """Whether the trees of N tasks and L layers are few enough to enumerate (``EXACT_TREE_LIMIT``)."""
+    return count_trees(n_tasks, n_layers) <= EXACT_TREE_LIMIT
+
+
 def minimize_tree(objective: Objective, cost: Objective, n_tasks: int,
                   n_layers: int, budget: float | None = None, method: str = "auto",
                   starts: Iterable[Tensor] = ()) -> Architecture:
@@ -236,7 +277,7 @@ def minimize_tree(objective: Objective, cost: Objective, n_tasks: int,
     ``"exact"``, or ``"auto"`` when the space is small enough), else ``local_search``."""
     if method not in ("auto", "exact", "local"):
         raise ValueError(f"search method must be 'auto', 'exact' or 'local', got {method!r}")
-    if method == "exact" or (method == "auto" and count_trees(n_tasks, n_layers) <= EXACT_TREE_LIMIT):
+    if method == "exact" or (method == "auto" and enumerable(n_tasks, n_layers)):
         trees = all_trees(n_tasks, n_layers)
         costs = cost(trees)
         feasible = costs <= budget if budget is not None else torch.ones_like(costs, dtype=torch.bool)
@@ -375,14 +416,14 @@ def calibration_preferences(n_tasks: int, count: int = 32) -> list[Tensor]:
             *list(samples / samples.sum(dim=1, keepdim=True))]
 
 
-MU_GRID = torch.logspace(-3, 2, 41, dtype=torch.float64)
+MU_GRID = torch.logspace(-3, 2, 26, dtype=torch.float64)
 """The ``mu`` values at which a space too large to enumerate is solved to trace a Lagrangian path."""
 
 
 def candidate_trees(task_loss: Objective, costs: CostModel, n_tasks: int, n_layers: int, method: str) -> Trees:
     """The trees a Lagrangian path is traced over: every tree when the space is enumerated, else the local
     search's solutions over ``MU_GRID``."""
-    if method == "exact" or (method == "auto" and count_trees(n_tasks, n_layers) <= EXACT_TREE_LIMIT):
+    if method == "exact" or (method == "auto" and enumerable(n_tasks, n_layers)):
         return all_trees(n_tasks, n_layers)
     found = {}
     for mu in MU_GRID.tolist():
@@ -410,7 +451,8 @@ def calibrate_trade_off(scaled_losses: Tensor, costs: CostModel, base_frugality:
     n = scaled_losses.shape[1]
     n_layers = round(math.log(scaled_losses.shape[0], n)) if n > 1 else 1
     columns = torch.arange(n)
-    prefs = calibration_preferences(n)  # the uniform one first
+    exact = method == "exact" or (method == "auto" and enumerable(n, n_layers))
+    prefs = calibration_preferences(n, 32 if exact else 8)  # the uniform one first; fewer where each path is searched
     steps: list[list[float]] = []
     for r in prefs:
         def task_loss(trees: Trees, r: Tensor = r) -> Tensor:
@@ -503,8 +545,7 @@ class MeasuredController(nn.Module):
     def _exact_tables(self, costs: CostModel) -> tuple[Trees, Tensor, Tensor] | None:
         """Every tree, its per-task scaled losses ``(T, N)`` and its cost ``(T,)``, cached until the measurement
         changes; None when the space is searched locally."""
-        if not (self.search == "exact" or (self.search == "auto"
-                                           and count_trees(self.n_tasks, self.n_layers) <= EXACT_TREE_LIMIT)):
+        if not (self.search == "exact" or (self.search == "auto" and enumerable(self.n_tasks, self.n_layers))):
             return None
         key = (self.path_loss_sums.data_ptr(), self.path_loss_sums._version, self.supports._version,
                costs.metric, tuple(costs.node.flatten().tolist()))
@@ -519,7 +560,19 @@ class MeasuredController(nn.Module):
     def solve(self, r: Tensor, c: float, node_costs: Any, budget: float | None = None,
               budget_metric: str = "params") -> Architecture:
         """The tree for ``(r, c)`` (module docstring), within ``budget`` (a fraction of the anchor's
-        ``budget_metric``) when given."""
+        ``budget_metric``) when given. Answers are cached by the exact query (a local search takes a while)."""
+        weights = tuple(float(v) for v in r.detach().to(torch.float64).cpu().flatten().tolist())
+        key = (weights, float(c), budget, budget_metric, self.path_loss_sums._version, self.supports._version,
+               self.trade_off._version, float(self.trade_off), tuple(map(tuple, node_costs.node_params)),
+               tuple(map(tuple, node_costs.node_flops)))
+        cache: dict[Any, Architecture] = self.__dict__.setdefault("_solutions", {})
+        if key not in cache:
+            if len(cache) >= 100_000:
+                cache.clear()
+            cache[key] = self._solve(r, c, node_costs, budget, budget_metric)
+        return cache[key]
+
+    def _solve(self, r: Tensor, c: float, node_costs: Any, budget: float | None, budget_metric: str) -> Architecture:
         objective_cost = CostModel.create(node_costs, self.cost_metric)
         budget_cost = objective_cost if budget_metric == self.cost_metric else \
             CostModel.create(node_costs, budget_metric)

@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.tri import Triangulation
 
+from dymu.controller import enumerable
 from dymu.model import DynamicMultiTaskModel
 from dymu.preference import Preference
 from dymu.search_space import Architecture
@@ -342,7 +343,10 @@ def write_plots(model: DynamicMultiTaskModel, result: dict[str, Any], out_dir: s
     """Write the figures of ``PLOT_FILES`` into ``out_dir`` (``cost_accuracy`` when ``result`` has budget
     records); returns their file names by figure."""
     out_dir = Path(out_dir)
-    plot_resource_usage(model, out_dir / PLOT_FILES["resource_usage"])
+    searched = model.controller is not None and model.controller.search != "exact" and not enumerable(
+        model.n_tasks, model.anchor.n_layers)
+    # a tree of a space too large to enumerate is a local search (about 0.3 s for 6 tasks): fewer points per edge
+    plot_resource_usage(model, out_dir / PLOT_FILES["resource_usage"], edge_points=11 if searched else 41)
     plot_marginal_controllability(result, out_dir / PLOT_FILES["marginal_controllability"])
     plot_tree_grid(model, out_dir / PLOT_FILES["trees"])
     files = {k: v for k, v in PLOT_FILES.items() if k != "cost_accuracy"}
