@@ -10,6 +10,9 @@ default, the paper's with ``--paper_size``), it measures:
 - a specialised tree's latency against a hand-built static network of the same tree, and latency against
   GFLOPs across trees from the anchor (the c = 0 end) to the fully shared tree (the c = 1 end);
 - the preference switch (hypernets + specialise), cold and cached by architecture;
+- the served model (``specialize(r, c, fold_bn=True)``) against the hand-built static network of its tree and
+  the unfolded specialised model, ONNX Runtime against it, at batch 1 and the benchmark's batch, and latency
+  against GFLOPs over the uniform preference's trees from c = 0 to 1 (budgets 1 to 0.5 with a controller);
 - data loading per worker (PASCAL-Context, NYU-v2 fixtures) against the step time;
 - the peak memory of each;
 
@@ -84,11 +87,18 @@ OTHER_ROWS = [("eval_protocol", "fp32"),
               ("latency_vs_gflops", "trees c=0..1"),
               ("preference_switch", "cold"), ("preference_switch", "hypernets only"), ("preference_switch", "cached")]
 LOADING_ROWS = [("data_loading", "paper crop, 1 worker"), ("data_loading", "bench crop, 1 worker")]
+DEPLOY_BATCHES = ("batch 1", "large batch")
+DEPLOY_ROWS = [(row, variant) for variant in DEPLOY_BATCHES
+               for row in ("deploy_static", "deploy_specialized", "deploy_folded", "deploy_onnxruntime")] + \
+              [("deploy_latency_vs_gflops", f"uniform r, {variant}") for variant in DEPLOY_BATCHES]
+
+
+SECTIONS = ("training", "evaluation", "latency", "switch", "deploy", "loading")
 
 
 def expected_rows(network: Network) -> list[tuple[str, str]]:
     """Every ``(row, variant)`` a network's results hold (a row that cannot run is there, ``skipped``)."""
-    return TRAIN_ROWS + OTHER_ROWS + (LOADING_ROWS if network.loading is not None else [])
+    return TRAIN_ROWS + OTHER_ROWS + DEPLOY_ROWS + (LOADING_ROWS if network.loading is not None else [])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -524,6 +534,140 @@ def measure_loading(res: Results, net: Network, config: dict[str, Any], args: ar
 
 
 # ---------------------------------------------------------------------------------------------------------
+# deployment: folded BatchNorms, ONNX Runtime, latency against GFLOPs over a preference's trees
+
+
+DEPLOY_C = 0.5  # the preference of the folded / ONNX rows: the uniform r at this c
+
+
+def deploy_points(model: Any, quick: bool) -> list[tuple[str, dict[str, Any]]]:
+    """The uniform preference's points, ``(label, model keyword arguments)``: c from 0 to 1, or, when the model
+    has a measured controller, c = 0 within budgets 1, 0.8, 0.6, 0.5 of the anchor's GFLOPs."""
+    n = model.n_tasks
+    r = [1.0 / n] * n
+    if model.controller is not None:
+        budgets = (1.0, 0.5) if quick else (1.0, 0.8, 0.6, 0.5)
+        return [(f"budget {b:g}", {"r": r, "c": 0.0, "budget": b, "budget_metric": "flops"}) for b in budgets]
+    cs = (0.0, 1.0) if quick else (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    return [(f"c={c:g}", {"r": r, "c": c}) for c in cs]
+
+
+def onnx_runtime(net: Any, example: Tensor, folder: Path) -> tuple[Any | None, str]:
+    """``net`` exported to ONNX and loaded in ONNX Runtime with torch's thread count, or None and why not."""
+    from dymu.deploy import ExportedModel, MissingDependency, export_model, require
+
+    try:
+        require("onnx")
+    except MissingDependency as error:
+        return None, str(error)
+    path = export_model(net, example, folder / "deploy.onnx", "onnx")
+    return ExportedModel(path, "onnx", threads=torch.get_num_threads()), ""
+
+
+def measure_deploy(res: Results, model: Any, batch: dict[str, Tensor], args: argparse.Namespace,
+                   device: torch.device, folder: Path) -> None:
+    """The served model (``model.specialize(r, c, fold_bn=True)``) against the hand-built static network of its
+    tree and against the unfolded specialised model, ONNX Runtime against it (CPU only), at batch 1 and the
+    benchmark's batch, fp32; then the uniform preference's trees, folded, timed against the folded anchor tree:
+    latency ratio against GFLOPs ratio."""
+    from dymu.deploy import LeanNet, count_batchnorms, max_difference
+
+    model.eval()
+    n, n_layers = model.n_tasks, model.anchor.n_layers
+    inputs = {"batch 1": batch["image"][:1], "large batch": batch["image"]}
+    uniform = [1.0 / n] * n
+    spec = model.specialize(uniform, DEPLOY_C).eval()
+    static = StaticTree(spec).eval()
+    folded = model.specialize(uniform, DEPLOY_C, fold_bn=True)
+    arch = folded.architecture
+    gflops = model.node_costs().cost(arch)["flops"] / 1e9
+
+    def infer(m: Any, x: Tensor) -> Callable[[], None]:
+        def run() -> None:
+            with torch.inference_mode():
+                m(x)
+        return run
+
+    errors = {}
+    with torch.inference_mode():
+        for name, x in inputs.items():
+            errors[name] = max_difference(list(folded(x).values()), list(spec(x).values()))["max_rel_error"]
+    session, why_not = (None, f"ONNX Runtime runs on CPU, the model on {device}") if device.type != "cpu" else \
+        onnx_runtime(folded, batch["image"][:2].cpu(), folder)
+    ort_errors = {}
+    candidates: dict[str, Callable[[], None]] = {}
+    for name, x in inputs.items():
+        candidates[f"static|{name}"] = infer(static, x)
+        candidates[f"spec|{name}"] = infer(spec, x)
+        candidates[f"folded|{name}"] = infer(folded, x)
+        if session is not None:
+            with torch.inference_mode():
+                ort_errors[name] = max_difference(session(x.cpu()), [y.cpu() for y in folded(x).values()])
+            candidates[f"ort|{name}"] = partial(session, x.cpu())
+    warmup, repeats = latency_repeats(lambda: [f() for f in candidates.values()], args, device)
+    t = interleaved_times(candidates, warmup, repeats, device)
+    what = f"uniform r, c = {DEPLOY_C:g}: {arch.num_used_nodes()} of {n * n_layers} nodes, {gflops:.3f} GFLOPs"
+    for name, x in inputs.items():
+        b = int(x.shape[0])
+        res.add("deploy_static", name, t[f"static|{name}"], peak_memory_mb(candidates[f"static|{name}"], device),
+                note=f"hand-built (BatchNorms kept), {what}, batch {b}", batch=b, gflops=gflops)
+        res.add("deploy_specialized", name, t[f"spec|{name}"], peak_memory_mb(candidates[f"spec|{name}"], device),
+                vs=("deploy_static", name), ref_times=t[f"static|{name}"], note="model.specialize(r, c)", batch=b)
+        vs_unfolded = float(np.median([a / u for a, u in zip(t[f"folded|{name}"], t[f"spec|{name}"])]))
+        res.add("deploy_folded", name, t[f"folded|{name}"], peak_memory_mb(candidates[f"folded|{name}"], device),
+                vs=("deploy_static", name), ref_times=t[f"static|{name}"],
+                note=f"specialize(r, c, fold_bn=True): {vs_unfolded:.2f}x the unfolded one (paired), "
+                     f"{folded.folded_batchnorms} BatchNorms folded",
+                batch=b, vs_unfolded=vs_unfolded, max_rel_error_vs_unfolded=errors[name],
+                folded_batchnorms=folded.folded_batchnorms, batchnorms_left=count_batchnorms(folded))
+        if session is None:
+            res.skip("deploy_onnxruntime", name, why_not)
+        else:
+            err = ort_errors[name]["max_rel_error"]
+            res.add("deploy_onnxruntime", name, t[f"ort|{name}"], peak_memory_mb(candidates[f"ort|{name}"], device),
+                    vs=("deploy_folded", name), ref_times=t[f"folded|{name}"],
+                    note=f"the folded model as ONNX, {torch.get_num_threads()} intra-op thread(s); error {err:.1g}",
+                    batch=b, max_rel_error=err)
+
+    # latency against GFLOPs over the uniform preference's trees (each distinct tree once), folded, against the
+    # folded anchor tree, all in one interleaved loop per batch size
+    costs = model.node_costs()
+    anchor_arch = Architecture.anchor(n, n_layers)
+    points = deploy_points(model, args.quick)
+    nets: dict[Architecture, Any] = {anchor_arch: LeanNet.create(model.anchor.specialize(anchor_arch), fold_bn=True)}
+    point_trees = []
+    for label, kwargs in points:
+        lean = model.specialize(**kwargs, fold_bn=True)
+        nets.setdefault(lean.architecture, lean)
+        point_trees.append((label, lean.architecture))
+    keys = {a: f"tree {i}" for i, a in enumerate(nets)}
+    anchor_flops = costs.cost(anchor_arch)["flops"]
+    for name, x in inputs.items():
+        cand = {keys[a]: infer(m, x) for a, m in nets.items()}
+        warmup, repeats = latency_repeats(lambda cand=cand: [f() for f in cand.values()], args, device)
+        t = interleaved_times(cand, warmup, repeats, device)
+        ref = t[keys[anchor_arch]]
+        trees = []
+        for label, a in point_trees:
+            latency_ratio = float(np.median([v / w for v, w in zip(t[keys[a]], ref)]))  # paired
+            flops_ratio = costs.cost(a)["flops"] / anchor_flops
+            trees.append({"point": label, "architecture": str(a), "gflops": costs.cost(a)["flops"] / 1e9,
+                          "flops_ratio": flops_ratio, "latency_ratio": latency_ratio,
+                          "off": latency_ratio / flops_ratio - 1, "median_ms": median_ms(t[keys[a]])})
+        worst = max(trees, key=lambda e: abs(e["off"]))
+        g = np.array([costs.cost(a)["flops"] / 1e9 for a in nets])
+        ms = np.array([median_ms(t[keys[a]]) for a in nets])
+        slope, intercept = np.polyfit(g, ms, 1) if len(nets) > 1 else (float("nan"), float("nan"))
+        res.add("deploy_latency_vs_gflops", f"uniform r, {name}",
+                note=f"batch {int(x.shape[0])}, {len(nets) - 1} distinct tree(s) of {len(points)} points against the "
+                     f"anchor ({median_ms(ref):.2f} ms); worst {worst['point']}: latency {worst['latency_ratio']:.2f}x, "
+                     f"GFLOPs {worst['flops_ratio']:.2f}x ({100 * worst['off']:+.0f} %); fit {slope:.1f} ms/GFLOP + "
+                     f"{intercept:.2f} ms",
+                batch=int(x.shape[0]), trees=trees, worst_off=worst["off"], anchor_ms=median_ms(ref),
+                distinct_trees=len(nets) - 1, ms_per_gflop=float(slope), intercept_ms=float(intercept))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # one network, targets, output
 
 
@@ -544,10 +688,14 @@ def measure_network(net: Network, args: argparse.Namespace, device: torch.device
         ("latency", lambda: measure_latency(res, net, model, batch, args, device), OTHER_ROWS[1:8]),
         ("switch", lambda: measure_switch(res, model, args, device), OTHER_ROWS[8:]),
     ]
+    sections.append(("deploy", lambda: measure_deploy(res, model, batch, args, device, folder / net.name),
+                     DEPLOY_ROWS))
     if net.loading is not None:
         sections.append(("loading", lambda: measure_loading(res, net, config, args, folder / net.name, dm),
                          LOADING_ROWS))
     for name, run, rows in sections:
+        if args.sections and name not in args.sections:
+            continue
         start = time.perf_counter()
         try:
             run()
@@ -594,6 +742,21 @@ def targets(results: list[Results], device: torch.device) -> list[dict[str, Any]
                 f"latency {x['latency_ratio']:.3f}x, GFLOPs {x['flops_ratio']:.3f}x")
         else:
             add(res.network, "c=1/c=0 latency ratio vs GFLOPs ratio", None, "|.| <= 0.10", None, "")
+        ratios = [r["ratio"] for r in (res.get("deploy_folded", v) for v in DEPLOY_BATCHES)
+                  if r and r["status"] == "ok" and r["ratio"] is not None]
+        value = max(ratios) if ratios else None
+        add(res.network, "folded / hand-built static latency (worse of batch 1, large batch)", value,
+            "<= 0.9" + (" (CPU)" if device.type == "cpu" else ""), value is not None and value <= 0.9,
+            ", ".join(f"{v}: {r['ratio']:.2f}" for v in DEPLOY_BATCHES
+                      if (r := res.get("deploy_folded", v)) and r["ratio"] is not None))
+        for variant in DEPLOY_BATCHES:
+            fit = res.get("deploy_latency_vs_gflops", f"uniform r, {variant}")
+            x = fit["extra"] if fit and fit["status"] == "ok" else None
+            worst = max(x["trees"], key=lambda e: abs(e["off"])) if x else None
+            add(res.network, f"uniform-r trees: latency ratio vs GFLOPs ratio to the anchor, worst tree, {variant}",
+                x["worst_off"] if x else None, "|.| <= 0.05", x is not None and abs(x["worst_off"]) <= 0.05,
+                f"{worst['point']}: latency {worst['latency_ratio']:.3f}x, GFLOPs {worst['flops_ratio']:.3f}x"
+                if worst else "")
         cached = res.get("preference_switch", "cached")
         value = cached["median_ms"] if cached else None
         add(res.network, "cached preference switch (ms)", value, "< 10" + (" (CPU)" if device.type == "cpu" else ""),
@@ -631,19 +794,28 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def merged(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """``old`` with the networks that ``new`` measured replaced by ``new``'s rows and targets (network order
-    of ``NETWORKS``)."""
-    measured = set(new["settings"]["runs"][0]["networks"])
+def merged(old: dict[str, Any], new: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """``old`` with the rows that ``new`` measured replaced by ``new``'s (in place; rows ``old`` lacks come
+    last in their network's block, network order of ``NETWORKS``), and the targets computed again from the
+    merged rows."""
+    def key(r: dict[str, Any]) -> tuple[str, str, str]:
+        return r["network"], r["row"], r["variant"]
+
+    fresh = {key(r): r for r in new["rows"]}
+    rows = [fresh.pop(key(r), r) for r in old["rows"]] + list(fresh.values())
     order = {n.name: i for i, n in enumerate(NETWORKS)}
-
-    def combine(key: str) -> list[dict[str, Any]]:
-        rows = [r for r in old[key] if r["network"] not in measured] + new[key]
-        return sorted(rows, key=lambda r: order.get(r["network"], len(order)))  # stable within a network
-
+    rows.sort(key=lambda r: order.get(r["network"], len(order)))  # stable within a network
     settings = {**new["settings"], "runs": [*old["settings"].get("runs", []), *new["settings"]["runs"]],
                 "sizes": {**old["settings"].get("sizes", {}), **new["settings"]["sizes"]}}
-    return {**new, "settings": settings, "rows": combine("rows"), "targets": combine("targets")}
+    return {**new, "settings": settings, "rows": rows, "targets": targets(results_of(rows), device)}
+
+
+def results_of(rows: list[dict[str, Any]]) -> list[Results]:
+    """The rows grouped by network, as ``Results`` (what ``targets`` reads)."""
+    out: dict[str, Results] = {}
+    for r in rows:
+        out.setdefault(r["network"], Results(r["network"])).rows.append(r)
+    return list(out.values())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -661,9 +833,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no_bf16", action="store_true", help="skip the bf16 rows")
     parser.add_argument("--compile_all", action="store_true",
                         help="the torch.compile rows of every network on CPU too (by default only the small ones)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS,
+                        help="only these sections' rows (default: all); with --update the others are kept")
     parser.add_argument("--update", action="store_true",
-                        help="replace only the measured networks' rows in an existing result file (the others, "
-                             "from an earlier run, are kept; settings.runs says which run measured which)")
+                        help="replace only the measured rows in an existing result file (the others, from an "
+                             "earlier run, are kept; settings.runs says which run measured which)")
     args = parser.parse_args(argv)
     if args.quick and args.paper_size:
         parser.error("--quick and --paper_size exclude each other")
@@ -687,7 +861,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sizes = {n.name: (lambda s: f"{'x'.join(map(str, s.crop)) if s.crop else 'data size'} batch {s.batch}")(
         n.quick if args.quick else n.paper if args.paper_size else n.bench) for n in networks}
     run = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - (time.perf_counter() - start))),
-           "networks": [n.name for n in networks], "load_average_at_start": machine["load_average_at_start"],
+           "networks": [n.name for n in networks], "sections": args.sections or list(SECTIONS),
+           "load_average_at_start": machine["load_average_at_start"],
            "wall_s": time.perf_counter() - start}
     report = {"machine": machine,
               "settings": {"quick": args.quick, "paper_size": args.paper_size, "device": str(device),
@@ -698,7 +873,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     json_path = out if out.suffix == ".json" else out / f"{machine_name(machine)}{'-quick' if args.quick else ''}.json"
     if args.update and json_path.exists():
-        report = merged(json.loads(json_path.read_text()), report)
+        report = merged(json.loads(json_path.read_text()), report, device)
     table = markdown(report)
     print(table)
     json_path.parent.mkdir(parents=True, exist_ok=True)

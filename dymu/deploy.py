@@ -179,9 +179,10 @@ def export_model(net: LeanNet, example: Tensor, path: str | Path, format: str) -
 
 
 class ExportedModel:
-    """An exported file loaded for inference: ``self(x)`` gives the outputs in task order as tensors."""
+    """An exported file loaded for inference: ``self(x)`` gives the outputs in task order as tensors.
+    ``threads``: ONNX Runtime's intra-op threads (None: its default, every core)."""
 
-    def __init__(self, path: str | Path, format: str) -> None:
+    def __init__(self, path: str | Path, format: str, threads: int | None = None) -> None:
         require(format)
         self.path, self.format = Path(path), format
         if not self.path.is_file():
@@ -197,6 +198,8 @@ class ExportedModel:
 
             options = onnxruntime.SessionOptions()
             options.log_severity_level = 3
+            if threads is not None:
+                options.intra_op_num_threads = threads
             self._session = onnxruntime.InferenceSession(str(self.path), options,
                                                          providers=["CPUExecutionProvider"])
             self._input = self._session.get_inputs()[0].name

@@ -29,8 +29,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "show": ("stages.serve:show_main", "--run_dir D --r R... --c C [--budget B] [--out F.png]",
              "the tree of a preference: which nodes are computed, cross-task edges, params and GFLOPs"),
     "export": ("stages.serve:export_main",
-               "--run_dir D --r R... --c C [--budget B] --format onnx|torchscript|pt2 --out F",
-               "the folded static network of a preference, checked against PyTorch, F.json beside it"),
+               "--run_dir D (--r R... --c C | --all_trees) [--budget B] --format onnx|torchscript|pt2 --out F",
+               "the folded static network of a preference (or every distinct one of a grid), checked against "
+               "PyTorch, F.json beside it"),
     "predict": ("stages.serve:predict_main", "--run_dir D --r R... --c C [--budget B] --out DIR IMAGE_OR_DIR...",
                 "per-task outputs of images: segmentation / depth / normals PNGs, class scores JSON"),
     "info": ("stages.info:main", "--config P.yaml [--set KEY=VALUE] | --stages",

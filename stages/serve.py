@@ -207,39 +207,86 @@ def real_images(run_dir: Path, count: int) -> Tensor | None:
     return images[:count].float()
 
 
+EXPORT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}
+
+
 def export_main(argv: list[str] | None = None) -> int:
-    from dymu.deploy import EXPORT_FORMATS, ExportedModel, export_model, max_difference, require
+    from dymu.deploy import EXPORT_FORMATS, require
 
     parser = argparse.ArgumentParser(prog="dymu export", description="the static folded network of a preference "
-                                     "exported, checked against PyTorch, with a JSON of its tree and cost beside it")
-    add_preference_arguments(parser)
+                                     "exported, checked against PyTorch, with a JSON of its tree and cost beside it; "
+                                     "with --all_trees every distinct network of a preference grid once")
+    add_preference_arguments(parser, required=False)
     parser.add_argument("--format", choices=EXPORT_FORMATS, required=True)
-    parser.add_argument("--out", required=True, help="the exported file (F.json is written beside it)")
+    parser.add_argument("--out", required=True,
+                        help="the exported file (F.json is written beside it); with --all_trees a folder")
     parser.add_argument("--no_fold", action="store_true", help="keep the BatchNorms (folded by default)")
     parser.add_argument("--real_images", type=int, default=8,
                         help="test images of the run checked besides random inputs (0: random inputs only)")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest error of the export against PyTorch, relative to the largest output (min 1)")
+    parser.add_argument("--all_trees", action="store_true",
+                        help="export every distinct network of the grid (--r_steps x --c_grid) once into the folder "
+                             "--out, with index.json mapping each preference to its file")
+    parser.add_argument("--r_steps", type=int, default=2,
+                        help="with --all_trees: r on the simplex in steps of 1/R_STEPS, plus the uniform r (default 2)")
+    parser.add_argument("--c_grid", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                        help="with --all_trees: the values of c (default 0 0.25 0.5 0.75 1)")
     args = parser.parse_args(argv)
+    if args.run_dir is None:
+        raise ValueError("missing --run_dir: pass the folder that `dymu run` wrote")
     require(args.format)  # a missing package fails before anything is loaded
+    if args.all_trees:
+        if args.r is not None or args.c is not None:
+            raise ValueError("--all_trees exports the preferences of a grid: pass it without --r and --c "
+                             "(--r_steps and --c_grid set the grid)")
+        model, root = load_run_model(args.run_dir)
+        return export_all_trees(model, root, args)
+    missing = [f"--{k}" for k in ("r", "c") if getattr(args, k) is None]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}: pass --r R... --c C (or --all_trees)")
     served = Served.load(args)
-    model = served.model
-    if not model.input_shape:
+    if not served.model.input_shape:
         raise ValueError("the run's model records no input shape; cannot build an example input to export")
+    gen = torch.Generator().manual_seed(0)
+    real = real_images(served.run_dir, args.real_images)
+    record = export_checked(served, lean_network(served, not args.no_fold), args.format, Path(args.out), gen, real)
+    meta = Path(args.out).with_name(Path(args.out).name + ".json")
+    print(served.header())
+    for name, c in record["check"].items():
+        print(f"check on {c['batch']} {name} inputs: max error against PyTorch "
+              f"{c['against_pytorch']['max_abs_error']:.3g}, against the dynamic model "
+              f"{c['against_dynamic_model']['max_abs_error']:.3g}")
+    print(f"wrote {args.out} and {meta}")
+    worst = record["max_check_error"]
+    if not worst <= args.tolerance:
+        raise ValueError(f"the exported model differs from PyTorch by {worst:.3g} (relative), above --tolerance "
+                         f"{args.tolerance:g}; see {meta}")
+    return 0
+
+
+def lean_network(served: Served, fold: bool):  # noqa: ANN201 - a LeanNet
+    """The static network of ``served``'s preference: BatchNorms folded (``fold``) or kept."""
     from dymu.deploy import LeanNet
 
-    if args.no_fold:
-        lean = LeanNet.create(served.specialize(fold_bn=False), fold_bn=False, copy_modules=False)
-    else:
-        lean = served.specialize(fold_bn=True)
-    gen = torch.Generator().manual_seed(0)
-    example = torch.rand(2, *model.input_shape, generator=gen) * 2 - 1
-    out = export_model(lean, example, args.out, args.format)
-    exported = ExportedModel(out, args.format)
+    if fold:
+        return served.specialize(fold_bn=True)
+    return LeanNet.create(served.specialize(fold_bn=False), fold_bn=False, copy_modules=False)
 
+
+def export_checked(served: Served, lean: Any, fmt: str, out: Path, gen: torch.Generator, real: Tensor | None,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Export ``lean`` (the network of ``served``'s preference) to ``out``, run the file again on random inputs
+    (and ``real`` images) against PyTorch and the dynamic model, and write ``out.json`` beside it; returns
+    that record."""
+    from dymu.deploy import ExportedModel, export_model, max_difference
+
+    model = served.model
+    example = torch.rand(2, *model.input_shape, generator=gen) * 2 - 1
+    out = export_model(lean, example, out, fmt)
+    exported = ExportedModel(out, fmt)
     checks: dict[str, Any] = {}
     inputs = {"random": torch.rand(3, *model.input_shape, generator=gen) * 2 - 1}
-    real = real_images(served.run_dir, args.real_images)
     if real is not None:
         inputs["real"] = real
     for name, x in inputs.items():
@@ -250,20 +297,112 @@ def export_main(argv: list[str] | None = None) -> int:
         checks[name] = {"batch": int(x.shape[0]), "against_pytorch": max_difference(got, pytorch),
                         "against_dynamic_model": max_difference(got, dynamic)}
     worst = max(c["against_pytorch"]["max_rel_error"] for c in checks.values())
-    record = {"format": args.format, "file": out.name, **served.summary(),
+    record = {"format": fmt, "file": out.name, **served.summary(),
               "folded_batchnorms": getattr(lean, "folded_batchnorms", 0), "inputs": ["image"],
-              "outputs": model.tasks, "check": checks, "max_check_error": worst}
-    meta = out.with_name(out.name + ".json")
-    meta.write_text(json.dumps(record, indent=1))
-    print(served.header())
-    for name, c in checks.items():
-        print(f"check on {c['batch']} {name} inputs: max error against PyTorch "
-              f"{c['against_pytorch']['max_abs_error']:.3g}, against the dynamic model "
-              f"{c['against_dynamic_model']['max_abs_error']:.3g}")
-    print(f"wrote {out} and {meta}")
+              "outputs": model.tasks, "check": checks, "max_check_error": worst, **(extra or {})}
+    out.with_name(out.name + ".json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+MAX_GRID = 5000
+
+
+def preference_grid(n_tasks: int, r_steps: int, cs: Sequence[float]) -> list[tuple[list[float], float]]:
+    """Every ``r`` on the simplex in steps of ``1 / r_steps`` (the lattice), the uniform ``r`` added if the
+    lattice lacks it, times every ``c`` of ``cs``."""
+    from itertools import combinations
+
+    if r_steps < 1:
+        raise ValueError(f"--r_steps must be at least 1, got {r_steps}")
+    count = math.comb(r_steps + n_tasks - 1, n_tasks - 1) * len(cs)
+    if count > MAX_GRID:
+        raise ValueError(f"the grid has {count} preferences ({n_tasks} tasks, --r_steps {r_steps}, {len(cs)} values "
+                         f"of c), more than {MAX_GRID}: use a smaller --r_steps")
+    rs = []
+    for bars in combinations(range(r_steps + n_tasks - 1), n_tasks - 1):  # stars and bars
+        edges = (-1, *bars, r_steps + n_tasks - 1)
+        rs.append([(edges[i + 1] - edges[i] - 1) / r_steps for i in range(n_tasks)])
+    uniform = [1.0 / n_tasks] * n_tasks
+    if not any(np.allclose(r, uniform) for r in rs):
+        rs.append(uniform)
+    return [(r, float(c)) for r in rs for c in cs]
+
+
+def network_digest(lean: Any) -> str:
+    """sha256 of a static network's tree and every tensor of its state dict (names, dtypes, shapes, bytes):
+    two networks with the same digest compute the same function."""
+    import hashlib
+
+    digest = hashlib.sha256(str(lean.architecture).encode())
+    for name, tensor in lean.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def export_all_trees(model: DynamicMultiTaskModel, root: Path, args: argparse.Namespace) -> int:
+    """``dymu export --all_trees``: every distinct static network of the grid exported once into ``args.out``,
+    ``index.json`` listing each grid preference and its file.
+
+    Distinct: without a weight hypernet a preference's network is fixed by its tree, so one file per tree.
+    With one, the folded weights carry the BatchNorm shifts of the preference (``gamma + delta_gamma(r, c)``),
+    so two preferences share a file only when their networks are identical: same tree and the same folded
+    state dict, bit for bit (``network_digest``) - in practice one file per preference once the weight
+    hypernet is trained. Every preference is checked against its file: the file's outputs against
+    ``model(x, r, c)``."""
+    from dymu.deploy import ExportedModel, max_difference
+
+    if not model.input_shape:
+        raise ValueError("the run's model records no input shape; cannot build an example input to export")
+    out = Path(args.out)
+    if out.suffix in EXPORT_SUFFIXES.values() or out.is_file():
+        raise ValueError(f"--all_trees writes a folder of files: --out {out} looks like a file")
+    grid = preference_grid(model.n_tasks, args.r_steps, args.c_grid)
+    by_weights = model.weight_hypernet is not None
+    gen = torch.Generator().manual_seed(0)
+    real = real_images(root, args.real_images)
+    check_x = torch.rand(2, *model.input_shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    files: dict[Any, dict[str, Any]] = {}
+    entries = []
+    exported: dict[str, Any] = {}
+    for r, c in grid:
+        served = Served.at(model, root, r, c, args.budget, args.budget_metric)
+        lean = None
+        if by_weights:
+            lean = lean_network(served, not args.no_fold)
+            key: Any = network_digest(lean)
+        else:
+            key = served.architecture
+        if key not in files:
+            lean = lean if lean is not None else lean_network(served, not args.no_fold)
+            name = f"net_{len(files):03d}{EXPORT_SUFFIXES[args.format]}"
+            record = export_checked(served, lean, args.format, out / name, gen, real)
+            files[key] = {"file": name, "tree": served.architecture.to_list(), "params": served.cost["params"],
+                          "gflops": served.cost["flops"] / 1e9, "max_check_error": record["max_check_error"],
+                          "preferences": 0, **({"sha256": key} if by_weights else {})}
+            exported[name] = ExportedModel(out / name, args.format)
+            print(f"{name}: {served.header()}")
+        entry = files[key]
+        entry["preferences"] += 1
+        with torch.no_grad():
+            expected = model(check_x, served.r, served.c, **served.forward_kwargs())
+        error = max_difference(exported[entry["file"]](check_x), [expected[t] for t in model.tasks])
+        entries.append({"r": served.r, "c": served.c, "file": entry["file"], "tree": served.architecture.to_list(),
+                        "max_error_against_model": error["max_rel_error"]})
+    worst = max(e["max_error_against_model"] for e in entries)
+    index = {"format": args.format, "run_dir": str(root), "tasks": model.tasks,
+             "grid": {"r_steps": args.r_steps, "c": [float(c) for c in args.c_grid], "budget": args.budget,
+                      "budget_metric": args.budget_metric, "preferences": len(grid)},
+             "distinct_by": "folded weights (sha256 of the tree and the state dict)" if by_weights else "tree",
+             "folded": not args.no_fold, "files": list(files.values()), "preferences": entries,
+             "max_error_against_model": worst}
+    (out / "index.json").write_text(json.dumps(index, indent=1))
+    print(f"wrote {len(files)} distinct networks for {len(grid)} preferences under {out} (index.json; distinct by "
+          f"{index['distinct_by']}); largest error of a preference's file against the model {worst:.3g}")
     if not worst <= args.tolerance:
-        raise ValueError(f"the exported model differs from PyTorch by {worst:.3g} (relative), above --tolerance "
-                         f"{args.tolerance:g}; see {meta}")
+        raise ValueError(f"a preference's exported network differs from the model by {worst:.3g} (relative), above "
+                         f"--tolerance {args.tolerance:g}; see {out / 'index.json'}")
     return 0
 
 

@@ -20,7 +20,7 @@ from dymu.search_space import Architecture
 from dymu.tasks import make_task
 from dymu.treeview import draw_tree, render_text, tree_drawing
 from stages.cli import entry_point
-from stages.serve import colour_map, write_output
+from stages.serve import colour_map, preference_grid, write_output
 
 DENSE_TASKS = [make_task("semseg", out_channels=4), make_task("depth"), make_task("normals")]
 
@@ -122,21 +122,35 @@ IMAGE = (3, 16, 16)
 R, C = [0.6, 0.3, 0.1], 0.5
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A run directory holding a weight-stage checkpoint of a tiny model whose BatchNorms, edge hypernet and weight
-    hypernet are random and non-trivial (trees and BN shifts depend on the preference), and its data config."""
+def tiny_model(weight=True, zero_shifts=False):
+    """A tiny model whose BatchNorms, edge hypernet and weight hypernet are random and non-trivial (trees and BN
+    shifts depend on the preference); ``weight=False``: no weight hypernet; ``zero_shifts``: its heads output
+    zero (every BatchNorm shift 0)."""
     torch.manual_seed(0)
     backbone = ConvEncoderDecoder(channels=(4, 6, 8), strides=(1, 2, 1), decoder_width=8, low_level_block=0)
     model = DynamicMultiTaskModel.build(backbone, DENSE_TASKS, edge={"embed_dim": 8, "hidden": 16},
-                                        weight={"embed_dim": 8, "hidden": 16}, input_shape=IMAGE)
+                                        weight={"embed_dim": 8, "hidden": 16} if weight else None, input_shape=IMAGE)
     randomize_batchnorm(model.anchor)
     with torch.no_grad():
         for p in model.edge_hypernet.parameters():
             p.normal_(0.0, 1.0)
-        for p in model.weight_hypernet.parameters():
-            p.normal_(0.0, 0.2)
-    root = tmp_path_factory.mktemp("deploy") / "run"
+        if weight:
+            for p in model.weight_hypernet.parameters():
+                p.normal_(0.0, 0.2)
+            if zero_shifts:
+                for head in model.weight_hypernet.heads:
+                    head.weight.zero_()
+                    head.bias.zero_()
+    return model
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory holding a weight-stage checkpoint of ``tiny_model()`` and its data config."""
+    return write_run(tiny_model(), tmp_path_factory.mktemp("deploy") / "run")
+
+
+def write_run(model, root):
     (root / "weight").mkdir(parents=True)
     (root / "configs").mkdir()
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
@@ -378,3 +392,75 @@ def test_dymu_show_grid_draws_the_uniform_and_one_hot_trees_at_three_costs(run_d
     for line, (r, c) in zip(lines, [(r, c) for r in prefs for c in (0.0, 0.5, 1.0)]):
         assert f"c = {c:g}: tree {model.architecture(r, c)};" in line
     assert Image.open(out).size[1] > Image.open(out).size[0]  # four rows of three
+
+
+# ---------------------------------------------------------------- export --all_trees
+
+
+def test_preference_grid_is_the_simplex_lattice_and_the_uniform_preference():
+    grid = preference_grid(3, 2, [0.0, 1.0])
+    rs = {tuple(r) for r, _ in grid}
+    lattice = {(1.0, 0, 0), (0, 1.0, 0), (0, 0, 1.0), (0.5, 0.5, 0), (0.5, 0, 0.5), (0, 0.5, 0.5)}
+    assert rs == lattice | {(1 / 3, 1 / 3, 1 / 3)} and len(grid) == 7 * 2
+    assert sorted({c for _, c in grid}) == [0.0, 1.0]
+    assert len(preference_grid(2, 2, [0.0])) == 3  # (1, 0), (0.5, 0.5), (0, 1): the uniform is on the lattice
+
+
+def distinct_networks(model, prefs):
+    """Groups of preferences whose folded networks are identical (same tree, every tensor equal), computed
+    independently of the command's hashing."""
+    groups = []
+    for r, c in prefs:
+        lean = model.specialize(r, c, fold_bn=True)
+        state = lean.state_dict()
+        for group in groups:
+            if group["tree"] == lean.architecture and group["state"].keys() == state.keys() and all(
+                    torch.equal(group["state"][k], state[k]) for k in state):
+                group["prefs"].append((r, c))
+                break
+        else:
+            groups.append({"tree": lean.architecture, "state": state, "prefs": [(r, c)]})
+    return groups
+
+
+@pytest.mark.parametrize("case", ["shifts", "zero_shifts", "no_weight_hypernet"])
+def test_export_all_trees_writes_each_distinct_network_once(tmp_path, case, capsys):
+    model = tiny_model(weight=case != "no_weight_hypernet", zero_shifts=case == "zero_shifts")
+    run = write_run(model, tmp_path / "run")
+    model = DynamicMultiTaskModel.from_run(run)
+    out = tmp_path / "all"
+    args = ["export", "--run_dir", str(run), "--all_trees", "--r_steps", "1", "--c_grid", "0", "0.5", "1",
+            "--format", "torchscript", "--out", str(out), "--real_images", "0"]
+    assert entry_point(args) == 0, capsys.readouterr().err
+    index = json.loads((out / "index.json").read_text())
+    prefs = [(e["r"], e["c"]) for e in index["preferences"]]
+    assert len(prefs) == 4 * 3 == index["grid"]["preferences"]  # 3 one-hot r + the uniform, 3 values of c
+    groups = distinct_networks(model, prefs)
+    trees = {model.architecture(r, c) for r, c in prefs}
+    files = sorted(p.name for p in out.glob("net_*.pt"))
+    assert len(files) == len(index["files"]) == len(groups)
+    if case == "shifts":  # the shifts depend on the preference: a tree is not enough to share a file
+        assert index["distinct_by"].startswith("folded weights") and len(groups) > len(trees)
+    else:  # no shift differs: one file per tree
+        assert len(groups) == len(trees) < len(prefs)
+        assert index["distinct_by"] == ("tree" if case == "no_weight_hypernet" else index["distinct_by"])
+    for group in groups:  # preferences with one network share one file, different networks never do
+        assert len({e["file"] for e in index["preferences"] if (e["r"], e["c"]) in group["prefs"]}) == 1
+    x = torch.randn(3, *IMAGE)
+    for entry in index["preferences"]:  # each preference's file reproduces the model at that preference
+        assert (out / entry["file"]).is_file() and (out / f"{entry['file']}.json").is_file()
+        with torch.no_grad():
+            expected = model(x, entry["r"], entry["c"])
+        for task, y in zip(model.tasks, ExportedModel(out / entry["file"], "torchscript")(x)):
+            torch.testing.assert_close(y, expected[task], atol=1e-4, rtol=1e-4)
+        assert entry["tree"] == model.architecture(entry["r"], entry["c"]).to_list()
+
+
+def test_export_all_trees_refuses_a_preference_and_a_file_name(run_dir, tmp_path, capsys):
+    base = ["export", "--run_dir", str(run_dir), "--all_trees", "--format", "pt2"]
+    assert entry_point([*base, "--r", "1", "0", "0", "--c", "0", "--out", str(tmp_path / "d")]) == 1
+    assert "without --r and --c" in capsys.readouterr().err
+    assert entry_point([*base, "--out", str(tmp_path / "m.pt2")]) == 1
+    assert "folder" in capsys.readouterr().err
+    assert entry_point([*base, "--r_steps", "100", "--out", str(tmp_path / "d")]) == 1
+    assert "smaller --r_steps" in capsys.readouterr().err
