@@ -68,10 +68,13 @@ def main() -> None:
 
     print("| preferences (1000 r ~ Dirichlet(1)) | c = 0: params / anchor's | c = 1 | c=1 / c=0 |")
     print("| --- | --- | --- | --- |")
-    for label, prefix in (("all", ""), ("focused, max r >= 0.9", "focused"), ("near-uniform, max r <= 0.5",
+    for label, prefix in (("all", ""), ("focused, max r >= 0.9", "focused"), ("near-uniform, max r <= 1.5 / N",
                                                                              "near-uniform")):
         pairs = [cost_fractions(m, prefix) for m in runs]
         pairs = [p for p in pairs if p is not None]
+        if not pairs:
+            print(f"| {label} | none among the cost preferences | | |")
+            continue
         print(f"| {label} | {mean_sd([p[0] for p in pairs])} | {mean_sd([p[1] for p in pairs])} | "
               f"{mean_sd([p[1] / p[0] for p in pairs])} |")
     uniform = [next(row for row in m["controllability"] if row["preference"] == "uniform") for m in runs]
