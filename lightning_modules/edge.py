@@ -12,11 +12,11 @@ from torch import Tensor
 from dymu.affinity import load_affinity
 from dymu.backbones.base import Backbone
 from dymu.checkpoint import META_KEY
-from dymu.controller import MeasuredController, measure_path_losses, same_tree
+from dymu.controller import MeasuredController, Trees, measure_path_losses, same_tree
 from dymu.preference import Preference
 from dymu.regularizer import layer_weights
 from dymu.search_space import Architecture
-from dymu.training import edge_search_loss, temperature_at
+from dymu.training import edge_search_loss, preference_tensors, temperature_at
 from lightning_modules.base import PreferenceStage, default_optimizer
 
 SEARCHES = ("gumbel", "measured")
@@ -151,9 +151,6 @@ class EdgeHypernetSearch(PreferenceStage):
     def distillation_step(self) -> Tensor:
         """Cross-entropy of the edge hypernet's parent choices against the controller's trees (used children
         only: the others do not change the tree)."""
-        from dymu.controller import Trees
-        from dymu.training import preference_tensors
-
         r, c = preference_tensors(self.training_preferences(), self.device)
         targets = self.model.controller.solve_many(r.cpu(), c.cpu(), self.model.node_costs()).to(self.device)
         logits = self.model.edge_hypernet(r, c)  # (G, L, N, N)
