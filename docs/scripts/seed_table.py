@@ -66,7 +66,9 @@ def main() -> None:
     args = parser.parse_args()
     runs = [json.loads(RunLayout(r).metrics.read_text()) for r in args.runs]
 
-    print("| preferences (1000 r ~ Dirichlet(1)) | c = 0: params / anchor's | c = 1 | c=1 / c=0 |")
+    n = len(runs[0]["tasks"])
+    count = runs[0]["inference_cost"]["all"]["count"]
+    print(f"| preferences ({count} r ~ Dirichlet(1)) | c = 0: params / anchor's | c = 1 | c=1 / c=0 |")
     print("| --- | --- | --- | --- |")
     for label, prefix in (("all", ""), ("focused, max r >= 0.9", "focused"), ("near-uniform, max r <= 1.5 / N",
                                                                              "near-uniform")):
@@ -80,7 +82,8 @@ def main() -> None:
     uniform = [next(row for row in m["controllability"] if row["preference"] == "uniform") for m in runs]
     u0 = [row["params"]["0.0"] / m["anchor"]["params"] for row, m in zip(uniform, runs)]
     u1 = [row["params"]["1.0"] / m["anchor"]["params"] for row, m in zip(uniform, runs)]
-    print(f"| uniform r = (1/3, 1/3, 1/3) (per seed: {', '.join(f'{a:.2f} -> {b:.2f}' for a, b in zip(u0, u1))}) | "
+    uniform_r = ", ".join([f"1/{n}"] * n)
+    print(f"| uniform r = ({uniform_r}) (per seed: {', '.join(f'{a:.2f} -> {b:.2f}' for a, b in zip(u0, u1))}) | "
           f"{mean_sd(u0)} | {mean_sd(u1)} | {mean_sd([b / a for a, b in zip(u0, u1)])} |")
     print()
     print("| 20 preferences r ~ Dirichlet(1) | HV / anchor's, c = 0 | c = 1 | uniformity c = 0 | c = 1 |")
