@@ -21,8 +21,9 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` and check it carries dymu metadata.
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` and check it carries dymu metadata (``mmap``: map the
+    tensors from the file instead of reading them, for reading the metadata alone).
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -33,7 +34,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"checkpoint {path} does not exist; point the stage at the .ckpt file that the "
                                 "previous stage wrote (the final checkpoint in its stage folder of the run directory)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - re-raised with the path and the cause
         raise ValueError(f"cannot read checkpoint {path}: {err}") from err
     if not isinstance(ckpt, dict) or META_KEY not in ckpt or "state_dict" not in ckpt:
@@ -45,3 +46,10 @@ def submodule_state(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[st
     """The entries under ``prefix.`` with the prefix removed."""
     cut = len(prefix) + 1
     return {k[cut:]: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+
+
+def checkpoint_stage(path: str | Path) -> str:
+    """The stage that wrote a dymu checkpoint (its metadata's ``stage``; '' when it names none), read without
+    loading its tensors into memory."""
+    ckpt = load_checkpoint(path, mmap=True)
+    return str(ckpt[META_KEY].get("stage", "")) if isinstance(ckpt[META_KEY], dict) else ""

@@ -152,9 +152,9 @@ def compare_run(run_dir: str | Path, methods: Sequence[str] = BASELINES, overrid
             table (``architecture_rows``, the paper's tables 5 and 7) as ``architectures``.
     """
     from stages.common import write_yaml
-    from stages.evaluate import evaluate_run, run_data_config, stream_test_losses
+    from stages.evaluate import run_data_config, stream_test_losses
     from stages.graph import order
-    from stages.runner import check_stage_sections, load_pipeline_config, run_pipeline
+    from stages.runner import check_stage_sections, evaluate_if_stale, load_pipeline_config, run_pipeline
 
     layout = RunLayout(Path(run_dir).resolve())
     if not layout.pipeline_config.is_file():
@@ -177,8 +177,7 @@ def compare_run(run_dir: str | Path, methods: Sequence[str] = BASELINES, overrid
     run_pipeline(layout.pipeline_config, layout.root, evaluate=False, overrides=list(overrides),
                  stages=("weight", *methods, *extra))
     evaluate_options = config.get("evaluate") or {}
-    if not layout.metrics.is_file():
-        evaluate_run(layout.root, **evaluate_options)
+    evaluate_if_stale(layout, evaluate_options)
     ours = json.loads(layout.metrics.read_text())
     n, reference_point = len(ours["tasks"]), ours["reference_point"]
     prefs = evaluation_preferences(n, int(evaluate_options.get("num_preferences", 20)), c=0.0,
@@ -440,9 +439,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="also the architecture evaluation (tables 5 and 7): train LTB, BMTAS, feature "
                              f"partitioning and the retrained trees ({', '.join(ARCHITECTURE_STAGES)}) and score them")
     args = parser.parse_args(argv)
-    result = compare_run(args.run_dir, methods=args.methods, overrides=args.overrides, subsets=args.subsets,
-                         max_batches=args.max_batches, device=args.device, baselines_from=args.baselines_from,
-                         architectures=args.architectures)
+    from stages.lineage import run_lock
+
+    with run_lock(args.run_dir, "compare"):
+        result = compare_run(args.run_dir, methods=args.methods, overrides=args.overrides, subsets=args.subsets,
+                             max_batches=args.max_batches, device=args.device, baselines_from=args.baselines_from,
+                             architectures=args.architectures)
     print(render_report(result))
     print(f"[dymu compare] wrote {RunLayout(args.run_dir).compare_dir}")
     return 0

@@ -12,7 +12,7 @@ import argparse
 import json
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from dymu.tasks import Task
 from lightning_modules.evaluation import ProtocolEvaluation, StreamedLosses
 from stages.common import build_data, read_yaml
 from stages.layout import RunLayout
+from stages.lineage import run_lock, scored_record
 from stages.plots import write_plots
 
 
@@ -63,6 +64,31 @@ def run_data_config(run_dir: str | Path) -> dict[str, Any]:
             return read_yaml(path)["data"]
     raise FileNotFoundError(f"{run_dir} holds neither {layout.pipeline_config} nor {layout.stage_config('anchor')}: "
                             "pass a run directory written by `dymu run`")
+
+
+NOT_SCORED = ("device", "devices")
+"""Options of ``evaluate_run`` that change where it runs, not what it scores."""
+
+
+def evaluation_options(options: dict[str, Any], where: str = "evaluate") -> dict[str, Any]:
+    """``options`` checked against ``evaluate_run``'s arguments (names and types; an error is one line naming the
+    key) and completed with their defaults, without ``NOT_SCORED``: what an evaluation records it scored."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_function_arguments(evaluate_run, skip={"run_dir"})
+    if not isinstance(options, dict):
+        raise ValueError(f"{where} must be a mapping of evaluate_run's options, got {options!r}")
+    try:
+        parsed = parser.parse_object(options).as_dict()
+    except Exception as err:  # noqa: BLE001 - jsonargparse raises several types; one line with the key
+        message = " ".join(str(err).split())
+        known = [k for k in parser.get_defaults().as_dict() if not k.startswith("__")]
+        unknown = [k for k in options if k not in known]
+        if unknown:
+            message = f"unknown key {unknown[0]!r}; the options are {sorted(known)}"
+        raise ValueError(f"{where}: {message[:300]}") from None
+    return {k: v for k, v in parsed.items() if k not in NOT_SCORED and not k.startswith("__")}
 
 
 def check_run(run_dir: str | Path) -> Path:
@@ -153,7 +179,8 @@ def compare_rows(layout: RunLayout) -> list[dict[str, Any]]:
 def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_preferences: int = 1000,
                  seed: int = 0, reference_point: Sequence[float] | None = None,
                  max_batches: int | None = None, device: str = "cpu", recalibrate_batches: int = 0,
-                 devices: int = 1, budgets: Sequence[float] = (), budget_metric: str = "params") -> dict[str, Any]:
+                 devices: int = 1, budgets: Sequence[float] = (), budget_metric: Literal["params", "flops"] = "params",
+                 ) -> dict[str, Any]:
     """Evaluate a run directory and write ``evaluation/metrics.json``, ``evaluation/report.md`` and the
     report's figures (``evaluation/resource_usage.png``, ``evaluation/marginal_controllability.png``).
 
@@ -180,8 +207,10 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
         The result written to ``metrics.json`` (on the main process; other DDP processes get ``{}`` and write
         nothing).
     """
+    options = {k: v for k, v in locals().items() if k != "run_dir"}
     checkpoint = check_run(run_dir)
     layout = RunLayout(run_dir)
+    scored = scored_record(checkpoint, layout.root.resolve(), evaluation_options(options))
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be at least 1 (or omitted for the whole test split), got {max_batches}")
     model = DynamicMultiTaskModel.from_checkpoint(checkpoint)
@@ -253,6 +282,7 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
         "records": with_hypervolume_ratios(records),
         "budget_records": budget_records,
         "controller": controller_record(layout),
+        "scored": scored,
     }
     layout.evaluation_dir.mkdir(parents=True, exist_ok=True)
     result["plots"] = write_plots(model, result, layout.evaluation_dir, compare_rows(layout))
@@ -377,5 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     options = (read_yaml(pipeline).get("evaluate") or {}) if pipeline.is_file() else {}
     options.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
     options.update({k: v for k, v in vars(args).items() if k != "run_dir" and v is not None})
-    evaluate_run(args.run_dir, **options)
+    check_run(args.run_dir)
+    with run_lock(args.run_dir, "evaluate"):
+        evaluate_run(args.run_dir, **options)
     return 0

@@ -74,6 +74,11 @@ class Stage:
         return []
 
     def finished(self, layout: RunLayout, config: dict[str, Any] | None = None) -> bool:
+        """Whether the stage's artefacts are there (a computed step's: and made from its present parents)."""
+        if self.name == "affinity":
+            from stages.lineage import affinity_current
+
+            return affinity_current(layout)
         return all(p.is_file() for p in self.artefacts(layout, config))
 
     def model_class(self) -> type:
@@ -200,7 +205,7 @@ def retrain_instances(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]
     return instances
 
 
-PIPELINE_KEYS = ("run_dir", "seed_everything", "data", "backbone", "logger", "evaluate", "compare")
+PIPELINE_KEYS = ("run_dir", "seed_everything", "data", "backbone", "logger", "evaluate")
 STAGE_SECTION_KEYS = ("trainer", "model", "checkpoint", "data")
 REPEAT_KEYS = ("count", "trees", "inits")  # static: count; retrain: trees, inits
 

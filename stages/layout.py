@@ -8,6 +8,9 @@
       <stage>/final.ckpt             a finished stage (the next stage's input; the runner skips the stage)
       <stage>/checkpoints/last.ckpt  the newest resumable state (and step=N.ckpt beside it)
       affinity.json, affinity.png    the anchor's task affinity (the edge stage's input)
+      affinity.lineage.json          the hash of the anchor it was computed from
+      .dymu.lock                     held (flock) by the command writing the run; names its holder
+      <stage>.stale-N/               a stage set aside because a parent changed under it (kept, not deleted)
       evaluation/                    metrics.json, report.md and the figures of ``dymu evaluate``
       sweeps/<trial>/                one folder per sweep trial (a run directory of its own for the
                                      hypernet stages), summary.csv and summary.md
@@ -32,6 +35,9 @@ CONFIGS = "configs"
 PIPELINE_CONFIG = "pipeline.yaml"
 AFFINITY = "affinity.json"
 AFFINITY_PLOT = "affinity.png"
+AFFINITY_LINEAGE = "affinity.lineage.json"
+LOCK = ".dymu.lock"
+STALE = "{folder}.stale-{n}"  # a stage's folder set aside because a parent changed under it
 EVALUATION = "evaluation"
 METRICS = "metrics.json"
 REPORT = "report.md"
@@ -98,6 +104,21 @@ class RunLayout:
         return self.root / AFFINITY_PLOT
 
     @property
+    def affinity_lineage(self) -> Path:
+        return self.root / AFFINITY_LINEAGE
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / LOCK
+
+    def stale_dir(self, stage: str) -> Path:
+        """A free name for setting aside ``stage``'s folder: ``<stage>.stale-1``, ``-2``, ..."""
+        n = 1
+        while (path := self.root / STALE.format(folder=stage, n=n)).exists():
+            n += 1
+        return path
+
+    @property
     def evaluation_dir(self) -> Path:
         return self.root / EVALUATION
 
@@ -146,9 +167,17 @@ class RunLayout:
         return self.pipeline_config.is_file() or any(self.configs_dir.glob("*.yaml"))
 
     def model_checkpoint(self) -> Path:
-        """The checkpoint of the run's controllable model: the weight stage's, else the edge stage's."""
+        """The checkpoint of the run's controllable model: the weight stage's, else the edge stage's. A
+        checkpoint that another stage wrote (an anchor's copied into ``weight/``) is refused."""
         for stage in ("weight", "edge"):
             if self.final(stage).is_file():
+                from dymu.checkpoint import checkpoint_stage
+
+                written_by = checkpoint_stage(self.final(stage))
+                if written_by != stage:
+                    raise ValueError(f"{self.final(stage)} was written by the {written_by or 'unknown'} stage, not "
+                                     f"{stage}: it does not belong there; put back the {stage} stage's checkpoint, "
+                                     f"or delete {self.stage_dir(stage)} and rerun `dymu run`")
                 return self.final(stage)
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root} does not exist: pass the folder that `dymu run` wrote")
@@ -161,7 +190,12 @@ def checkpoint_problem(path: Path) -> str | None:
     """Why ``path`` cannot be a readable checkpoint (None when it looks intact).
 
     A torch checkpoint is a zip archive; a truncated or partly written file loses its central directory or
-    its last members. Checked without loading the tensors."""
+    its last members. Checked without loading the tensors.
+
+    Raises:
+        PermissionError: the file exists but cannot be read: a fault of its permissions, not of its content, so
+            never a reason to set it aside.
+    """
     try:
         size = path.stat().st_size
         with zipfile.ZipFile(path) as archive:
@@ -170,6 +204,10 @@ def checkpoint_problem(path: Path) -> str | None:
                     return f"member {info.filename} runs past the end of the file (truncated)"
     except FileNotFoundError:
         return "missing"
+    except PermissionError:
+        from stages.lineage import unreadable
+
+        raise unreadable(path) from None
     except (zipfile.BadZipFile, OSError, ValueError) as err:
         return f"not a readable checkpoint ({err})"
     return None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import signal
 import subprocess
@@ -29,7 +30,18 @@ import yaml
 
 from stages.common import DEFAULT_LOGGER, build_data, read_yaml, write_yaml
 from stages.graph import PIPELINE_KEYS, REPEAT_KEYS, STAGE_SECTION_KEYS, STAGES, Stage, order, training_stages
-from stages.layout import RunLayout, checkpoint_problem, relative_config, written_root
+from stages.layout import RunLayout, checkpoint_problem, written_root
+from stages.lineage import (
+    LINEAGE_ENV,
+    Lineage,
+    comparable_config,
+    evaluation_current,
+    expected_lineage,
+    read_lineage,
+    record_affinity_lineage,
+    run_lock,
+    scored_record,
+)
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 
@@ -130,6 +142,16 @@ def check_stage_sections(config: dict[str, Any], stages: list[Stage], hint: str 
                          f"--set '{missing[0]}.trainer={{max_steps: 500, accelerator: cpu, devices: 1}}'")
 
 
+def check_trains(stage: str, config: dict[str, Any]) -> None:
+    """Refuse a stage configured to finish without a training step (its untrained model would be passed on)."""
+    trainer = config.get("trainer") or {}
+    for key in ("max_steps", "max_epochs", "limit_train_batches"):
+        if trainer.get(key) == 0:
+            raise ValueError(f"{stage}.trainer.{key} is 0: the stage would finish without training and pass an "
+                             f"untrained model to the next stages; set a positive value (e.g. --set "
+                             f"{stage}.trainer.{key}=100)")
+
+
 def check_before_training(config: dict[str, Any], run_dir: Path, stages: list[Stage],
                           sources: dict[str, RunLayout] | None = None) -> dict[str, dict[str, Any]]:
     """Everything that can fail before any training, in this order: every stage config parsed and
@@ -145,6 +167,7 @@ def check_before_training(config: dict[str, Any], run_dir: Path, stages: list[St
                 configs[folder] = stage_config(config, spec.name, run_dir, sources, folder, model_args)
                 if i == 0:  # the instances differ only in their model arguments' values
                     check_stage_config(spec.name, configs[folder])
+                    check_trains(spec.name, configs[folder])
     build_data(config["data"]).check_data()  # the data set first: it is what a new user most often lacks
     for folder, stage in configs.items():
         check_accelerator(folder.split("/")[0], stage)
@@ -167,22 +190,68 @@ def resume_checkpoint(layout: RunLayout, stage: str) -> Path | None:
 
 def same_config(stored: dict[str, Any], config: dict[str, Any], stage: str, run_dir: Path) -> bool:
     """Whether a stored stage config is ``config``, with paths inside each one's run directory compared
-    relative to it (a run directory moved or copied elsewhere matches)."""
+    relative to it and the logger's labels left out (a run directory moved or copied elsewhere, under any
+    folder name, matches)."""
     old_root = written_root(stored, stage) or run_dir
-    return relative_config(stored, old_root) == relative_config(config, run_dir)
+    return comparable_config(stored, old_root) == comparable_config(config, run_dir)
+
+
+def different_config_error(layout: RunLayout, stage: str) -> ValueError:
+    return ValueError(
+        f"the {stage} stage in {layout.root} was run with a different config ({layout.stage_config(stage)}); its "
+        f"checkpoints do not belong to this config. Use a new --run_dir, or delete {layout.stage_dir(stage)} (and "
+        "the later stages) to rerun it")
+
+
+def newest_intact(layout: RunLayout, stage: str) -> Path | None:
+    """The stage's newest checkpoint that passes the integrity check: ``final.ckpt``, else the resumable ones."""
+    for path in (layout.final(stage), *layout.resumable(stage)):
+        if path.is_file() and checkpoint_problem(path) is None:
+            return path
+    return None
+
+
+def check_lineage(layout: RunLayout, stage: str, spec: Stage, expected: Lineage) -> None:
+    """Before a started stage is skipped or resumed: its newest intact checkpoint must be this stage's, made
+    from the present parents. A parent that changed (a retrained anchor) makes the stage stale: its folder is
+    set aside (``<stage>.stale-N``, nothing deleted) and the stage is retrained. A checkpoint of another stage is
+    refused."""
+    path = newest_intact(layout, stage)
+    if path is None:
+        return
+    recorded, meta_stage = read_lineage(path)
+    if recorded is None:  # written before checkpoints recorded their lineage: check the stage at least
+        wanted = spec.model_class().stage_name
+        if meta_stage != wanted:
+            raise ValueError(f"{path} was written by {'the ' + meta_stage + ' stage' if meta_stage else 'no dymu stage'}"
+                             f", not {stage}: it does not belong there; move it away (or delete "
+                             f"{layout.stage_dir(stage)}) and rerun")
+        return
+    problem = expected.difference(recorded)
+    if problem is None:
+        return
+    if recorded.stage != expected.stage:
+        raise ValueError(f"{path}: {problem}, so it does not belong there; move it away (or delete "
+                         f"{layout.stage_dir(stage)}) and rerun")
+    if recorded.config != expected.config and recorded.parents == expected.parents:
+        raise different_config_error(layout, stage)
+    aside = layout.stale_dir(stage)
+    os.replace(layout.stage_dir(stage), aside)
+    print(f"[dymu run] {stage}: {path.relative_to(layout.root)} is stale ({problem}); its folder is kept as "
+          f"{aside.name}, retraining")
 
 
 def run_stage(stage: str, config: dict[str, Any], run_dir: str | Path, folder: str | None = None) -> None:
     """Skip, resume or start one training stage (``folder``: one instance of a repeated stage)."""
     layout = RunLayout(run_dir)
     cli_stage, stage = stage, folder or stage  # the LightningCLI to run; the folder its paths and messages name
+    spec = STAGES[cli_stage]
     cfg_path = layout.stage_config(stage)
-    if cfg_path.is_file() and layout.started(stage) and not same_config(read_yaml(cfg_path), config, stage,
-                                                                       layout.root):
-        raise ValueError(
-            f"the {stage} stage in {layout.root} was run with a different config ({cfg_path}); its checkpoints "
-            f"do not belong to this config. Use a new --run_dir, or delete {layout.stage_dir(stage)} (and the "
-            "later stages) to rerun it")
+    expected = expected_lineage(stage, config, layout.root, tuple(spec.inputs))
+    if layout.started(stage):
+        if cfg_path.is_file() and not same_config(read_yaml(cfg_path), config, stage, layout.root):
+            raise different_config_error(layout, stage)
+        check_lineage(layout, stage, spec, expected)
     final = layout.final(stage)
     if final.is_file():
         problem = checkpoint_problem(final)
@@ -202,7 +271,8 @@ def run_stage(stage: str, config: dict[str, Any], run_dir: str | Path, folder: s
     else:
         print(f"[dymu run] {stage}: training")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project_root()),
-                                                                     os.environ.get("PYTHONPATH")]))}
+                                                                     os.environ.get("PYTHONPATH")])),
+           LINEAGE_ENV: json.dumps(expected.to_dict())}
     code = run_forwarding_sigterm(command, env)
     if code != 0:
         stopped = code in (-signal.SIGTERM, 128 + signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGINT)
@@ -214,24 +284,34 @@ def run_stage(stage: str, config: dict[str, Any], run_dir: str | Path, folder: s
 
 
 def run_forwarding_sigterm(command: list[str], env: dict[str, str]) -> int:
-    """Run a stage's subprocess; a SIGTERM to this process is passed on to it, and this process waits while it
-    saves its checkpoint and exits (no orphan keeps training)."""
-    process = subprocess.Popen(command, env=env)
+    """Run a stage's subprocess. A SIGTERM or SIGINT (Ctrl-C) to this process is passed on to it as SIGTERM,
+    and this process waits while it saves its checkpoint and exits; if this process is killed outright, the
+    kernel stops the stage too (``PR_SET_PDEATHSIG`` on Linux): no orphan keeps training."""
+    process = subprocess.Popen(command, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     received: list[int] = []
 
     def forward(signum: int, frame: Any) -> None:
         received.append(signum)
-        process.send_signal(signum)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
 
-    previous = signal.signal(signal.SIGTERM, forward) if _main_thread() else None
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)} if _main_thread() else {}
     try:
         code = process.wait()
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if received:
         code = 128 + signal.SIGTERM  # however the stage ended while stopping, report the stop
     return code
+
+
+def _die_with_parent() -> None:
+    """In the stage's process, before it runs: ask the kernel for SIGTERM when the runner dies."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _main_thread() -> bool:
@@ -273,6 +353,9 @@ def load_pipeline_config(config_path: str | Path, overrides: list[str] | None = 
         config.setdefault("data", {}).setdefault("init_args", {})["root"] = data_root
     config = apply_overrides(config, overrides or [])
     check_pipeline_config(config, config_path)
+    from stages.evaluate import evaluation_options
+
+    evaluation_options(config.get("evaluate") or {}, where=f"{config_path}: evaluate")
     return config
 
 
@@ -317,21 +400,39 @@ def run_pipeline(config_path: str | Path, run_dir: str | Path | None = None, eva
     affinity) and, after the last training stage, the evaluation; return the run directory."""
     config = load_pipeline_config(config_path, overrides, data_root)
     layout = RunLayout(Path(run_dir or config.get("run_dir") or Path("runs") / Path(config_path).stem).resolve())
+    if layout.root.exists() and not layout.root.is_dir():
+        raise NotADirectoryError(f"--run_dir {layout.root} is a file, not a folder: pass a new folder or one that "
+                                 "`dymu run` wrote")
     plan = order(stages)
     configs = check_before_training(config, layout.root, plan)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    write_yaml(config, layout.pipeline_config)
-    for spec in plan:
-        if spec.trained:
-            for folder, _ in spec.instances(config):
-                run_stage(spec.name, configs[folder], layout.root, folder)
-        elif not spec.finished(layout):
-            spec.compute_function()(config, layout)
-    if evaluate and "weight" in [s.name for s in plan]:
-        from stages.evaluate import evaluate_run
-
-        evaluate_run(layout.root, **(config.get("evaluate") or {}))
+    with run_lock(layout.root, "run"):
+        write_yaml(config, layout.pipeline_config)
+        for spec in plan:
+            if spec.trained:
+                for folder, _ in spec.instances(config):
+                    run_stage(spec.name, configs[folder], layout.root, folder)
+            elif not spec.finished(layout):
+                if layout.affinity.is_file() and spec.name == "affinity":
+                    print("[dymu run] affinity: the anchor has changed since it was computed (or it has no record "
+                          "of its anchor): computing it again")
+                spec.compute_function()(config, layout)
+                if spec.name == "affinity":
+                    record_affinity_lineage(layout)
+        if evaluate and "weight" in [s.name for s in plan]:
+            evaluate_if_stale(layout, config.get("evaluate") or {})
     return layout.root
+
+
+def evaluate_if_stale(layout: RunLayout, options: dict[str, Any]) -> None:
+    """Evaluate the run unless its ``metrics.json`` already scored the present checkpoint with these options."""
+    from stages.evaluate import evaluate_run, evaluation_options
+
+    record = scored_record(layout.model_checkpoint(), layout.root, evaluation_options(options))
+    if evaluation_current(layout, record):
+        print(f"[dymu run] evaluation: {layout.metrics} already scored {record['checkpoint']} with these options, "
+              "skipping")
+        return
+    evaluate_run(layout.root, **options)
 
 
 def main(argv: list[str] | None = None) -> int:

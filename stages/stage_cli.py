@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -20,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from stages.common import DEFAULT_LOGGER
 from stages.graph import STAGES
 from stages.layout import LAST_CHECKPOINT, STEP_CHECKPOINT, RunLayout
+from stages.lineage import LINEAGE_ENV, LINEAGE_KEY, lineage_from_environment
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -70,6 +73,9 @@ class StageCheckpoint(ModelCheckpoint):
         # also at the top level (read without the callback), the same value as the callback's state
         state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
         checkpoint[TRAIN_SECONDS] = state.get(TRAIN_SECONDS, self.train_seconds())
+        lineage = lineage_from_environment()  # the runner's record of this stage's config and parents
+        if lineage is not None:
+            checkpoint[LINEAGE_KEY] = lineage
 
     def _layout(self, trainer: Trainer) -> tuple[RunLayout, str]:
         stage_dir = Path(trainer.default_root_dir)
@@ -154,7 +160,15 @@ def stage_main(stage: str, args: list[str] | dict[str, Any] | None = None, run: 
     # sys.argv keeps the stage name so that DDP's launcher re-executes the same command; LightningCLI gets
     # the arguments after it and would otherwise warn that they differ from sys.argv.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    sigint_as_sigterm()
     return DymuCLI(args=args, run=run, save_config_kwargs={"overwrite": True}, **_cli_kwargs(stage))
+
+
+def sigint_as_sigterm() -> None:
+    """Ctrl-C in a stage process that the runner started is handled as SIGTERM (Lightning stops at the next
+    step, the stage checkpoint saves ``last.ckpt``), as the runner's own Ctrl-C is passed on to it."""
+    if LINEAGE_ENV in os.environ and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
 
 
 class StageConfigError(ValueError):

@@ -193,6 +193,7 @@ def run_trial(parent_dir: str | Path, params: dict[str, Any], name: str | None =
     write ``<parent>/sweeps/<name>/trial.json`` (parameters and metrics). Resumes an interrupted trial."""
     from stages.evaluate import evaluate_run
     from stages.graph import order
+    from stages.lineage import run_lock
     from stages.runner import check_before_training, run_stage
 
     parent = RunLayout(Path(parent_dir).resolve())
@@ -208,10 +209,11 @@ def run_trial(parent_dir: str | Path, params: dict[str, Any], name: str | None =
     stages = [s for s in order() if s.name not in ("anchor", "affinity")]
     sources = {"anchor": parent, "affinity": parent}
     configs = check_before_training(config, trial.root, stages, sources)
-    write_yaml(config, trial.pipeline_config)
-    for spec in stages:
-        run_stage(spec.name, configs[spec.name], trial.root)
-    evaluation = evaluate_run(trial.root, **(config.get("evaluate") or {}))
+    with run_lock(trial.root, "trial"):
+        write_yaml(config, trial.pipeline_config)
+        for spec in stages:
+            run_stage(spec.name, configs[spec.name], trial.root)
+        evaluation = evaluate_run(trial.root, **(config.get("evaluate") or {}))
     result = {"name": trial.root.name, "parameters": params, "metrics": trial_metrics(evaluation)}
     parent.trial_result(name).write_text(json.dumps(result, indent=1))
     return result
@@ -408,8 +410,11 @@ def sweep_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override an entry of --config for the parent run")
     args = parser.parse_args(argv)
+    from stages.lineage import run_lock
+
     try:
-        results = run_sweep(args.sweep, args.run_dir, args.trials, args.seed, args.config, args.overrides)
+        with run_lock(args.run_dir, "sweep"):
+            results = run_sweep(args.sweep, args.run_dir, args.trials, args.seed, args.config, args.overrides)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"[dymu sweep] error: {err}", file=sys.stderr)
         return 1
