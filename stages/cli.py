@@ -6,9 +6,15 @@ line and a non-zero exit."""
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import pickle
 import sys
 import zipfile
 
+import yaml
+
+from stages.console import VERBOSE_ENV, quiet_console, take_verbose_flag
 from stages.graph import STAGES, training_stages
 
 # command -> (module:function, arguments, what it does)
@@ -48,26 +54,42 @@ def usage() -> str:
         lines.append(f"  {name:<9} {args}")
         lines.append(f"  {'':<9}   {what}")
     lines += ["", "Common options of `run`: --data_root R (sets data.init_args.root), --set KEY=VALUE (any entry, "
-              "e.g. --set anchor.trainer.devices=4; repeatable)."]
+              "e.g. --set anchor.trainer.devices=4; repeatable).",
+              "Every command: -v/--verbose (or DYMU_VERBOSE=1) shows Lightning's and W&B's full console output; an "
+              "error is one line, exit code 1 (DYMU_TRACEBACK=1 shows the traceback); Ctrl-C stops with exit code "
+              "130."]
     return "\n".join(lines)
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError, RuntimeError,
-               zipfile.BadZipFile)
+USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError, zipfile.BadZipFile, yaml.YAMLError, EOFError,
+               pickle.UnpicklingError)
+"""What bad input raises: a bad config, a missing or unreadable file, a failed stage, a corrupt file."""
+
+# commands that a rerun resumes (finished stages are skipped, a started one resumes from its checkpoint)
+RESUMABLE = ("run", "compare", "sweep", "trial")
 
 
 def entry_point(argv: list[str] | None = None) -> int:
     """The ``dymu`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, verbose = take_verbose_flag(list(sys.argv[1:] if argv is None else argv))
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"  # the stage subprocesses too
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
     command, rest = argv[0], argv[1:]
     if command in STAGES and STAGES[command].trained:
-        from stages.stage_cli import stage_main
+        quiet_console()
 
-        return _guarded(command, lambda: (stage_main(command, rest), 0)[1])
+        def stage() -> int:
+            from stages.stage_cli import stage_main
+
+            stage_main(command, rest)
+            return 0
+
+        return _guarded(command, stage)
     if command in COMMANDS:
+        quiet_console()
         module, _, function = COMMANDS[command][0].partition(":")
         return _guarded(command, lambda: getattr(importlib.import_module(module), function)(rest))
     print(f"dymu: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
@@ -75,20 +97,48 @@ def entry_point(argv: list[str] | None = None) -> int:
 
 
 def _guarded(command: str, call) -> int:  # noqa: ANN001
-    """Run a command; a user error (bad config, missing file, failed stage) is one line on stderr, exit 1.
-    ``DYMU_TRACEBACK=1`` shows the traceback instead."""
-    import os
-
+    """Run a command; a user error (bad config, missing file, failed stage) is one line on stderr, exit 1; Ctrl-C
+    is one line, exit 130. ``DYMU_TRACEBACK=1`` shows the traceback instead."""
     try:
         return int(call() or 0)
-    except USER_ERRORS as err:
+    except (KeyboardInterrupt, SystemExit) as err:
+        # Lightning turns Ctrl-C inside fit/test into sys.exit(1), raised while it handles the KeyboardInterrupt
+        if isinstance(err, SystemExit) and not isinstance(err.__context__, KeyboardInterrupt) \
+                or os.environ.get("DYMU_TRACEBACK"):
+            raise
+        resume = "; rerun the same command to resume" if command in RESUMABLE else ""
+        print(f"dymu {command}: stopped (Ctrl-C){resume}", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - every error is one line; DYMU_TRACEBACK=1 shows where
         if os.environ.get("DYMU_TRACEBACK"):
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        if isinstance(err, (RuntimeError, KeyError)) and type(err).__name__ != "StageFailed":
-            message += f" ({type(err).__name__}; DYMU_TRACEBACK=1 shows where)"
-        print(f"dymu {command}: error: {message}", file=sys.stderr)
+        print(f"dymu {command}: error: {error_message(err)}", file=sys.stderr)
         return 1
+
+
+def error_message(err: BaseException) -> str:
+    """One line for an exception: its message (with the file where the exception names one), and, for a type
+    that is not a plain bad-input error, the type and how to see where it came from."""
+    name = type(err).__name__
+    if isinstance(err, yaml.YAMLError):
+        from stages.common import yaml_error_message
+
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        source = getattr(mark, "name", None)
+        if source in (None, "<unicode string>", "<string>", "<byte string>"):  # a value, e.g. of --set
+            return yaml_error_message(err, "a YAML value (e.g. of --set KEY=VALUE)", "quote or fix the value")
+        return yaml_error_message(err, source)
+    if isinstance(err, json.JSONDecodeError):
+        return f"malformed JSON ({err.msg} at line {err.lineno}, column {err.colno}) in a file this command " \
+               f"reads (DYMU_TRACEBACK=1 shows which)"
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        target = f" -> {err.filename2}" if err.filename2 is not None else ""
+        return f"{err.strerror}: {err.filename}{target}"
+    message = " ".join(str(err).split()) or name
+    if not isinstance(err, USER_ERRORS) or (isinstance(err, (RuntimeError, KeyError, EOFError))
+                                            and name != "StageFailed"):
+        message += f" ({name}; DYMU_TRACEBACK=1 shows where)"
+    return message
 
 
 if __name__ == "__main__":

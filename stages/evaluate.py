@@ -10,40 +10,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import typing
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
-from lightning.pytorch import Trainer
 
-from dymu.evaluation import (
-    ADAPTED,
-    ANCHOR,
-    TREE,
-    Evaluated,
-    controllability_grid,
-    cost_summary,
-    front_summary,
-    preference_records,
-    protocol_variants,
-    scaled,
-)
-from dymu.model import DynamicMultiTaskModel
-from dymu.preference import Preference, cost_preferences, evaluation_preferences
-from dymu.search_space import Architecture
-from dymu.tasks import Task
-from lightning_modules.evaluation import ProtocolEvaluation, StreamedLosses
 from stages.common import build_data, read_yaml
 from stages.layout import RunLayout
 from stages.lineage import run_lock, scored_record
-from stages.plots import write_plots
+
+if typing.TYPE_CHECKING:  # torch, Lightning and the model are imported where used: `dymu evaluate --help` is fast
+    import torch
+
+    from dymu.tasks import Task
+    from lightning_modules.evaluation import StreamedLosses
 
 
 def training_images(data_config: dict[str, Any], num_batches: int, seed: int = 0) -> list[torch.Tensor]:
     """The images of the first ``num_batches`` training batches (for BatchNorm recalibration), shuffled by
     ``seed``: the same images on every call and every DDP process."""
+    import torch
+
     data = build_data(data_config)
     data.setup("fit")
     images: list[torch.Tensor] = []
@@ -108,6 +97,8 @@ def with_hypervolume_ratios(records: Sequence[dict[str, Any]]) -> list[dict[str,
 
     The ratio is None where no anchor record has that ``c`` or the anchor's hypervolume is 0.
     """
+    from dymu.evaluation import ANCHOR
+
     anchor_hv = {rec["c"]: rec["hypervolume"] for rec in records if rec["method"] == ANCHOR.method}
     out = []
     for rec in records:
@@ -125,7 +116,10 @@ def with_hypervolume_ratios(records: Sequence[dict[str, Any]]) -> list[dict[str,
 
 
 def trainer_device(device: str, devices: int) -> dict[str, Any]:
-    """The Trainer's ``accelerator``, ``devices`` and ``strategy`` for ``--device`` and ``--devices``."""
+    """The Trainer's ``accelerator``, ``devices`` and ``strategy`` for ``--device`` and ``--devices``; a device
+    this machine lacks is a one-line error naming the fix."""
+    import torch
+
     try:
         dev = torch.device(device)
     except RuntimeError as err:
@@ -136,6 +130,17 @@ def trainer_device(device: str, devices: int) -> dict[str, Any]:
         raise ValueError(f"device {device!r}: the evaluation runs on cpu or cuda")
     if dev.index is not None and devices > 1:
         raise ValueError(f"device {device!r} names one GPU but devices={devices}: pass --device cuda")
+    if dev.type == "cuda":
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available == 0:
+            raise ValueError(f"device {device!r}: this machine has no CUDA GPU (torch sees none); evaluate on the CPU "
+                             "with --device cpu")
+        if dev.index is not None and dev.index >= available:
+            raise ValueError(f"device {device!r}: this machine has {available} CUDA GPU(s), cuda:0 to "
+                             f"cuda:{available - 1}; pick one of them or --device cpu")
+        if devices > available:
+            raise ValueError(f"devices={devices} but this machine has {available} CUDA GPU(s); pass --devices "
+                             f"{available} or fewer")
     return {"accelerator": "gpu" if dev.type == "cuda" else "cpu",
             "devices": [dev.index] if dev.index is not None else devices,
             "strategy": "ddp" if devices > 1 else "auto"}
@@ -147,6 +152,10 @@ def stream_test_losses(module_factory: Callable[[Sequence[Task]], StreamedLosses
     """Run a test loop (``module_factory(tasks)``, e.g. ``ProtocolEvaluation``) over the run's test split: the
     scaled test losses per configuration key, the number of test samples, and whether this is the main
     process (under DDP)."""
+    from lightning.pytorch import Trainer
+
+    from dymu.evaluation import scaled
+
     data = build_data(data_config)
     tasks = data.tasks
     module = module_factory(tasks)
@@ -208,6 +217,24 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
         nothing).
     """
     options = {k: v for k, v in locals().items() if k != "run_dir"}
+    from dymu.evaluation import (
+        ADAPTED,
+        ANCHOR,
+        TREE,
+        Evaluated,
+        controllability_grid,
+        cost_summary,
+        front_summary,
+        preference_records,
+        protocol_variants,
+    )
+    from dymu.model import DynamicMultiTaskModel
+    from dymu.preference import Preference, cost_preferences, evaluation_preferences
+    from dymu.search_space import Architecture
+    from lightning_modules.evaluation import ProtocolEvaluation
+    from stages.plots import write_plots
+
+    trainer_device(device, devices)  # a device this machine lacks fails before anything loads
     checkpoint = check_run(run_dir)
     layout = RunLayout(run_dir)
     scored = scored_record(checkpoint, layout.root.resolve(), evaluation_options(options))
@@ -405,8 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     pipeline = RunLayout(args.run_dir).pipeline_config
     options = (read_yaml(pipeline).get("evaluate") or {}) if pipeline.is_file() else {}
+    import torch
+
     options.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
     options.update({k: v for k, v in vars(args).items() if k != "run_dir" and v is not None})
+    trainer_device(str(options["device"]), int(options.get("devices") or 1))  # before anything loads
     check_run(args.run_dir)
     with run_lock(args.run_dir, "evaluate"):
         evaluate_run(args.run_dir, **options)
