@@ -351,7 +351,7 @@ def measure_evaluation(res: Results, model: Any, tasks: list[Any], batch: dict[s
     start = time.perf_counter()
     forwards = configuration_forwards(model, evaluated)
     build_s = time.perf_counter() - start
-    sums = LossSums(forwards, tasks, device)
+    sums = LossSums(forwards, tasks).to(device)
     fn = partial(sums.update, batch)
     if args.quick:
         times = interleaved_times({"eval": fn}, 0, 1, device)["eval"]

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torchmetrics import Metric
 
 from dymu.anchor import recalibrate_batchnorm
 from dymu.metrics import hypervolume, hypervolume_method, mean_uniformity
@@ -160,23 +161,26 @@ def configuration_forwards(model: DynamicMultiTaskModel, evaluated: Iterable[Eva
     return forwards
 
 
-class LossSums:
-    """Support-weighted loss sums of several configurations over a stream of batches: ``total`` ``(K, N)``
-    and ``support`` ``(N,)`` float64, ``samples`` int64, fixed-size whatever the number of batches; sums of
-    disjoint shards (DDP processes) add up to the whole data set's.
+class LossSums(Metric):
+    """Support-weighted loss sums of several configurations over a stream of batches, a torchmetrics ``Metric``:
+    states ``total`` ``(K, N)`` and ``support`` ``(N,)`` float64 and ``samples`` int64, fixed-size whatever the
+    number of batches, summed over processes by ``compute`` under DDP (disjoint shards add up to the whole data
+    set's).
 
     Args:
         forwards: configuration key -> forward (``configuration_forwards``).
         tasks: the N tasks whose losses are summed.
-        device: where the sums live (the batches' device).
     """
 
-    def __init__(self, forwards: Mapping[Hashable, Forward], tasks: Sequence[Task],
-                 device: torch.device | str = "cpu") -> None:
+    full_state_update = False
+
+    def __init__(self, forwards: Mapping[Hashable, Forward], tasks: Sequence[Task]) -> None:
+        super().__init__()
         self.forwards, self.tasks = dict(forwards), list(tasks)
-        self.total = torch.zeros(len(self.forwards), len(self.tasks), dtype=torch.float64, device=device)
-        self.support = torch.zeros(len(self.tasks), dtype=torch.float64, device=device)
-        self.samples = torch.zeros((), dtype=torch.int64, device=device)
+        self.add_state("total", torch.zeros(len(self.forwards), len(self.tasks), dtype=torch.float64),
+                       dist_reduce_fx="sum")
+        self.add_state("support", torch.zeros(len(self.tasks), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("samples", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
 
     @torch.no_grad()
     def update(self, batch: Batch) -> None:
@@ -187,12 +191,12 @@ class LossSums:
         self.support += supports
         self.samples += batch["image"].shape[0]
 
-    def losses(self, total: Tensor | None = None, support: Tensor | None = None) -> dict[Hashable, Tensor]:
-        """Unscaled mean losses ``[L_t]`` per configuration key, from these sums or from ``total`` and
-        ``support`` of the same shape (e.g. these summed over processes)."""
-        total = (self.total if total is None else total).cpu()
-        support = (self.support if support is None else support).cpu()
-        return {key: losses_from_sums(total[i], support, self.tasks) for i, key in enumerate(self.forwards)}
+    def compute(self) -> tuple[dict[Hashable, Tensor], int]:
+        """Unscaled mean losses ``[L_t]`` per configuration key (CPU) and the number of samples, over every
+        process."""
+        total, support = self.total.cpu(), self.support.cpu()
+        return ({key: losses_from_sums(total[i], support, self.tasks) for i, key in enumerate(self.forwards)},
+                int(self.samples))
 
 
 def preference_records(model: DynamicMultiTaskModel, evaluated: Sequence[Evaluated],

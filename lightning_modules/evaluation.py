@@ -17,8 +17,8 @@ class StreamedLosses(L.LightningModule):
     """Streams the test set once through several forwards (configuration key -> forward, built by
     ``build_forwards`` on the device when the test loop starts) and keeps only their support-weighted loss sums
     (``dymu.evaluation.LossSums``): memory does not grow with the test set. Under DDP each process sees its own
-    unrepeated shard (the data modules' ``make_loader``) and the sums are added over processes at the end, so
-    every sample counts once.
+    unrepeated shard (the data modules' ``make_loader``) and the sums (a torchmetrics ``Metric``) are added over
+    processes at the end, so every sample counts once.
 
     After ``Trainer.test``: ``losses`` (configuration key -> unscaled mean losses ``[L_t]``, CPU) and
     ``num_samples`` (over all processes).
@@ -39,7 +39,7 @@ class StreamedLosses(L.LightningModule):
         # BatchNorm statistics re-estimated), used afterwards under the loop's inference mode.
         with torch.inference_mode(False), torch.no_grad():
             forwards = self.build_forwards()
-        self.sums = LossSums(forwards, self.tasks, self.device)
+        self.sums = LossSums(forwards, self.tasks).to(self.device)
         self.losses, self.num_samples = None, 0
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -48,12 +48,7 @@ class StreamedLosses(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         assert self.sums is not None
-        reduce = self.trainer.strategy.reduce
-        total = reduce(self.sums.total, reduce_op="sum")
-        support = reduce(self.sums.support, reduce_op="sum")
-        samples = reduce(self.sums.samples, reduce_op="sum")
-        self.losses = self.sums.losses(total, support)
-        self.num_samples = int(samples)
+        self.losses, self.num_samples = self.sums.compute()  # summed over the DDP processes
         self.sums = None  # the forwards hold the specialised trees
 
 

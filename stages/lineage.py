@@ -9,8 +9,9 @@ stage retrained, and so on down the table; a checkpoint written by another stage
 affinity keeps the same record beside it, and the evaluation records the checkpoint it scored.
 
 *Lock.* A command that writes a run directory (``dymu run``, ``compare``, ``sweep``, ``evaluate``, a trial) holds
-an exclusive ``flock`` on the run's lock file for its whole length; a second one refuses, naming the holder. The
-kernel releases the lock when its process ends, however it ends. Readers (``from_run``, ``dymu info``, ``show``,
+an exclusive ``flock`` on the run's lock file for its whole length; a second one refuses, naming the holder (the
+processes that Lightning's DDP launcher starts for that command share it). The kernel releases the lock when
+its process ends, however it ends. Readers (``from_run``, ``dymu info``, ``show``,
 ``export``) take no lock.
 """
 
@@ -216,6 +217,9 @@ def run_lock(run_dir: str | Path, command: str) -> Iterator[None]:
     layout = RunLayout(run_dir)
     root = layout.root.resolve()
     key = str(root)
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        yield  # a DDP process that Lightning started for the command that holds the lock
+        return
     if key in _HELD:
         depth, handle = _HELD[key]
         _HELD[key] = (depth + 1, handle)

@@ -8,14 +8,13 @@ import os
 import re
 import signal
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -49,30 +48,8 @@ class StageCheckpoint(ModelCheckpoint):
     def __init__(self, every_n_train_steps: int = 100) -> None:
         super().__init__(dirpath=None, filename=STEP_CHECKPOINT, save_last=True, save_top_k=1,
                          every_n_train_steps=every_n_train_steps, enable_version_counter=False)
-        self._seconds_before = 0.0  # training wall-clock time of earlier runs of this stage (resumed)
-        self._started: float | None = None
-
-    def train_seconds(self) -> float:
-        """Wall-clock seconds spent in training so far, over every resumption (``dymu compare``'s x axis)."""
-        return self._seconds_before + (time.perf_counter() - self._started if self._started is not None else 0.0)
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._started = time.perf_counter()
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._seconds_before, self._started = self.train_seconds(), None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), TRAIN_SECONDS: self.train_seconds()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._seconds_before = float(state_dict.get(TRAIN_SECONDS, 0.0))
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != TRAIN_SECONDS})
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        # also at the top level (read without the callback), the same value as the callback's state
-        state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
-        checkpoint[TRAIN_SECONDS] = state.get(TRAIN_SECONDS, self.train_seconds())
         lineage = lineage_from_environment()  # the runner's record of this stage's config and parents
         if lineage is not None:
             checkpoint[LINEAGE_KEY] = lineage
@@ -105,11 +82,14 @@ class StageCheckpoint(ModelCheckpoint):
 
 
 TRAIN_SECONDS = "dymu_train_seconds"
+"""Where checkpoints written before the stages used Lightning's ``Timer`` kept their training seconds."""
 
 
 def train_seconds(checkpoint: dict[str, Any]) -> float | None:
-    """The training wall-clock seconds a stage checkpoint records (None for checkpoints written before)."""
-    value = checkpoint.get(TRAIN_SECONDS)
+    """The training wall-clock seconds a stage checkpoint records, over every resumption (Lightning's ``Timer``
+    state; ``dymu compare``'s x axis); None for checkpoints that record none."""
+    timer = (checkpoint.get("callbacks") or {}).get(Timer.__qualname__) or {}
+    value = (timer.get("time_elapsed") or {}).get("train", checkpoint.get(TRAIN_SECONDS))
     return None if value is None else float(value)
 
 
@@ -130,6 +110,12 @@ class DymuCLI(LightningCLI):
         if self.link_input_shape:
             parser.link_arguments("data.input_shape", "model.input_shape", apply_on="instantiate")
         parser.add_lightning_class_args(StageCheckpoint, "checkpoint")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(c, Timer) for c in trainer.callbacks):
+            trainer.callbacks.append(Timer())  # the training seconds, kept over resumptions
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
