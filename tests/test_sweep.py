@@ -29,7 +29,7 @@ from stages.sweep import (
 from tests.test_pipeline import tiny_config, write
 
 ROOT = Path(__file__).resolve().parent.parent
-SWEEPS = sorted((ROOT / "configs" / "sweeps").rglob("*.yaml"))
+SWEEPS = sorted((ROOT / "configs" / "sweeps").rglob("*.yaml")) + sorted((ROOT / "docs" / "sweeps").rglob("*.yaml"))
 
 
 def test_every_shipped_sweep_file_is_valid_and_its_command_accepts_every_parameter():

@@ -7,8 +7,8 @@ fits `--edge_budget_s` seconds (measured first: every trial's edge stage runs `-
 concurrently, and its recorded training time gives the seconds per step), capped at `--max_steps`.
 
     python docs/scripts/long_edge.py --parent runs/ctl2 \
-        --sweep configs/sweeps/controllability/long_ours.yaml \
-        --sweep configs/sweeps/controllability/long_affine.yaml --accelerator gpu --edge_budget_s 300
+        --sweep docs/sweeps/controllability/long_ours.yaml \
+        --sweep docs/sweeps/controllability/long_affine.yaml --accelerator gpu --edge_budget_s 300
 
 The parent run is copied to `--work` (its anchor and affinity are reused; its pipeline config gets the
 accelerator and a CSV logger), and `--out` receives `long_edge.tar.gz`: every trial's trial.json,
