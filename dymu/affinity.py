@@ -150,20 +150,34 @@ def load_affinity(json_path: str | os.PathLike[str], task_names: Sequence[str] |
         The (N, N) float32 affinity.
 
     Raises:
-        ValueError: if the file is malformed or its task names differ from ``task_names``.
+        FileNotFoundError: if the file does not exist.
+        ValueError: if the file is malformed (truncated, not JSON, not an affinity) or its task names differ from
+            ``task_names``; the message names the file and says to delete it so that ``dymu run`` recomputes it.
     """
-    data = json.loads(Path(json_path).read_text())
+    path = Path(json_path)
+    recompute = (f"delete {path} and rerun `dymu run` (or the sweep): it recomputes the affinity from the anchor "
+                 "when the file is missing")
+    if not path.is_file():
+        raise FileNotFoundError(f"affinity file {path} does not exist: `dymu run` computes it after the anchor "
+                                "stage (or `dymu affinity` by hand)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not a readable affinity file (cut short or malformed JSON: {err.msg} at line "
+                         f"{err.lineno}, column {err.colno}); {recompute}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a readable affinity file (not UTF-8 text); {recompute}") from None
     if not isinstance(data, dict) or "tasks" not in data or "affinity" not in data:
-        raise ValueError(f"{json_path} is not an affinity file: it needs the keys 'tasks' and 'affinity'")
+        raise ValueError(f"{path} is not an affinity file: it needs the keys 'tasks' and 'affinity'; {recompute}")
     stored = list(data["tasks"])
     if task_names is not None and stored != list(task_names):
         raise ValueError(
             f"the affinity in {json_path} is for tasks {stored} but the run has tasks {list(task_names)}; "
             "recompute the affinity for these tasks or fix the task order"
         )
-    affinity = torch.tensor(data["affinity"], dtype=torch.float32)
     try:
+        affinity = torch.tensor(data["affinity"], dtype=torch.float32)
         _check_names(affinity, stored)
-    except ValueError as err:
-        raise ValueError(f"{json_path}: {err}") from err
+    except (ValueError, TypeError, RuntimeError) as err:  # a ragged or non-numeric matrix, or the wrong shape
+        raise ValueError(f"{path}: {' '.join(str(err).split())}; {recompute}") from None
     return affinity

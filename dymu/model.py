@@ -84,12 +84,22 @@ class DynamicMultiTaskModel(nn.Module):
         return model.eval()
 
     @classmethod
-    def from_run(cls, run_dir: str | Path) -> DynamicMultiTaskModel:
-        """The most complete model of a run directory written by ``dymu run``: its weight stage, else its edge
-        stage (the run's file names are the run layout's, ``stages.layout``)."""
-        from stages.layout import RunLayout  # the runner's layout; dymu itself knows no run file names
+    def from_run(cls, run_dir: str | Path, stage: str | None = None) -> DynamicMultiTaskModel:
+        """The model of a run directory written by ``dymu run`` (the run's file names are the run layout's,
+        ``stages.layout``).
 
-        return cls.from_checkpoint(RunLayout(run_dir).model_checkpoint())
+        Args:
+            run_dir: the run directory.
+            stage: ``None`` (default): the most complete model, the weight stage's, else the edge stage's with an
+                :class:`IncompleteRunWarning` (that model lacks the weight stage's BatchNorm adaptation);
+                ``"weight"``, ``"edge"`` or ``"anchor"``: that stage's finished checkpoint, without a warning.
+        """
+        import warnings
+
+        path, note = run_checkpoint(run_dir, stage)
+        if note is not None:
+            warnings.warn(note, IncompleteRunWarning, stacklevel=2)
+        return cls.from_checkpoint(path)
 
     def preference(self, r: Sequence[float] | Tensor | Preference, c: float | None = None) -> Preference:
         """Validate a preference for this model's tasks (raises ``ValueError`` naming the problem)."""
@@ -192,3 +202,34 @@ class DynamicMultiTaskModel(nn.Module):
         if self.controller is not None:  # its measured table and trade-off
             count += sum(b.numel() for b in self.controller.buffers())
         return count
+
+
+class IncompleteRunWarning(UserWarning):
+    """``from_run`` gave the edge stage's model: the run's weight stage has not finished."""
+
+
+RUN_STAGES = ("weight", "edge", "anchor")
+"""The stages of a run whose checkpoint ``from_run`` loads (``stage=``)."""
+
+
+def run_checkpoint(run_dir: str | Path, stage: str | None = None) -> tuple[Path, str | None]:
+    """The checkpoint that ``DynamicMultiTaskModel.from_run(run_dir, stage)`` loads, and one line to tell the user
+    when it is not the complete model (None when it is): without ``stage``, the weight stage's, else the edge
+    stage's (the line says that the weight stage's BatchNorm adaptation is missing). The commands that load a
+    run (``dymu show``, ``export``, ``predict``, ``info``) print that line."""
+    from stages.layout import RunLayout  # the runner's layout; dymu itself knows no run file names
+
+    layout = RunLayout(run_dir)
+    if stage is None:
+        path = layout.model_checkpoint()
+        if path == layout.final("weight"):
+            return path, None
+        return path, (f"{layout.root} has no finished weight stage: using the edge stage's checkpoint {path}, "
+                      "without the BatchNorm adaptation of the weight stage; finish the run (rerun `dymu run` "
+                      "with the same --run_dir) for the complete model")
+    if stage not in RUN_STAGES:
+        raise ValueError(f"stage must be one of {RUN_STAGES} (or None: the most complete), got {stage!r}")
+    path = layout.final(stage)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: the {stage} stage of {layout.root} has not finished")
+    return path, None

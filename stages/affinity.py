@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from lightning.pytorch import LightningDataModule
-
-from dymu.affinity import rsa_affinity, save_affinity
-from dymu.model import DynamicMultiTaskModel
 from stages.layout import AFFINITY, AFFINITY_PLOT, RunLayout
 
+if TYPE_CHECKING:  # torch and the model are imported where used: `dymu affinity --help` is fast
+    import torch
+    from lightning.pytorch import LightningDataModule
 
-@torch.no_grad()
+
 def compute_affinity(anchor_checkpoint: str | Path, data: LightningDataModule, out_dir: str | Path,
                      num_images: int = 100, seed: int = 0) -> torch.Tensor:
     """Run the anchor as N separate networks on ``num_images`` training inputs (chosen with ``seed``),
     compute the affinity and write it (and its plot) into ``out_dir`` (see ``stages.layout``)."""
+    import torch
+
+    from dymu.affinity import rsa_affinity, save_affinity
+    from dymu.model import DynamicMultiTaskModel
+
     model = DynamicMultiTaskModel.from_checkpoint(anchor_checkpoint)
     data.setup("fit")
     images = data.sample_inputs(num_images, seed=seed)
-    affinity = rsa_affinity(model.anchor.stream_features(images))
+    with torch.no_grad():
+        affinity = rsa_affinity(model.anchor.stream_features(images))
     out_dir = Path(out_dir)
     save_affinity(affinity, model.tasks, out_dir / AFFINITY, out_dir / AFFINITY_PLOT)
     return affinity

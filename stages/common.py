@@ -6,6 +6,7 @@ report a bad config file in well under a second."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,19 @@ def load_yaml_file(path: str | Path, what: str = "config file") -> Any:
         raise ValueError(yaml_error_message(err, path)) from None
     except UnicodeDecodeError:
         raise ValueError(f"{what} {path} is not a text file (not UTF-8): pass a YAML file") from None
+
+
+def read_json(path: str | Path, fix: str) -> Any:
+    """The content of a JSON file that a command wrote; a truncated or malformed one is a ``ValueError`` naming
+    the file, where it breaks and ``fix`` (what to delete or rerun)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON (cut short or malformed: {err.msg} at line {err.lineno}, column "
+                         f"{err.colno}); {fix}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a JSON text file (not UTF-8); {fix}") from None
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:

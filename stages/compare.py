@@ -18,22 +18,18 @@ import json
 import math
 from collections.abc import Hashable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from dymu.anchor import count_parameters
-from dymu.baselines.base import BaselineModel, load_baseline
-from dymu.evaluation import front_summary
-from dymu.metrics import hypervolume, hypervolume_method
-from dymu.model import DynamicMultiTaskModel
-from dymu.preference import Preference, evaluation_preferences
-from lightning_modules.evaluation import ModulesEvaluation
-from stages.common import read_yaml
+from stages.common import read_json, read_yaml
 from stages.graph import STAGES
 from stages.layout import RunLayout
+
+if TYPE_CHECKING:  # torch and the models are imported where used: `dymu compare --help` is fast
+    from torch import nn
+
+    from dymu.preference import Preference
 
 BASELINES = ("phn", "phn_bn", "static")
 """The compared methods' stages (``phn_bn`` brings its parent ``shared_mtl``)."""
@@ -43,6 +39,8 @@ SUBSETS = 20
 
 def front_hypervolume(points: Sequence[Sequence[float]], reference_point: Sequence[float]) -> float:
     """The hypervolume of a set of scaled loss vectors (the protocol's algorithm choice)."""
+    from dymu.metrics import hypervolume, hypervolume_method
+
     arr = np.asarray(points, dtype=float)
     return hypervolume(arr, np.asarray(reference_point, dtype=float),
                        method=hypervolume_method(len(arr), arr.shape[1]))
@@ -81,6 +79,8 @@ def static_subset_curve(losses: Sequence[Sequence[float]], seconds: Sequence[flo
 def stage_seconds(layout: RunLayout, folders: Sequence[str]) -> float | None:
     """Training wall-clock seconds of the stages in ``folders`` (from their final checkpoints); None when one
     does not record it (trained before the time was recorded)."""
+    import torch
+
     from stages.stage_cli import train_seconds
 
     total = 0.0
@@ -92,28 +92,16 @@ def stage_seconds(layout: RunLayout, folders: Sequence[str]) -> float | None:
     return total
 
 
-class BoundPreference(nn.Module):
-    """A preference-conditioned baseline fixed at one preference: ``forward(x) = model(x, r)``."""
-
-    def __init__(self, model: BaselineModel, r: Sequence[float]) -> None:
-        super().__init__()
-        self.model, self.r = model, list(r)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.model(x, self.r)
-
-
-def preference_network(model: BaselineModel, r: Sequence[float]) -> nn.Module:
-    """The network a baseline runs for ``r``: PHN's generated network is materialised once; others are bound."""
-    materialize = getattr(model, "materialize", None)
-    return materialize(list(r)) if materialize is not None else BoundPreference(model, r)
-
-
 def baseline_networks(layout: RunLayout, config: dict[str, Any], methods: Sequence[str],
                       prefs: Sequence[Preference]) -> tuple[dict[Hashable, nn.Module], dict[str, dict[str, Any]]]:
     """Every network the comparison scores, keyed ``(method, k)``, and per method its preferences, costs,
     control parameters and training time. PHN and PHN-BN run each of ``prefs``; static network k runs the
     preference it was trained for."""
+    import torch
+
+    from dymu.anchor import count_parameters
+    from dymu.baselines.base import load_baseline, preference_network
+
     networks: dict[Hashable, nn.Module] = {}
     info: dict[str, dict[str, Any]] = {}
     with torch.no_grad():
@@ -151,6 +139,11 @@ def compare_run(run_dir: str | Path, methods: Sequence[str] = BASELINES, overrid
         architectures: also train the architecture evaluation's stages (``ARCHITECTURE_STAGES``) and add its
             table (``architecture_rows``, the paper's tables 5 and 7) as ``architectures``.
     """
+    from dymu.anchor import count_parameters
+    from dymu.evaluation import front_summary
+    from dymu.model import DynamicMultiTaskModel
+    from dymu.preference import evaluation_preferences
+    from lightning_modules.evaluation import ModulesEvaluation
     from stages.common import write_yaml
     from stages.evaluate import run_data_config, stream_test_losses
     from stages.graph import order
@@ -178,7 +171,7 @@ def compare_run(run_dir: str | Path, methods: Sequence[str] = BASELINES, overrid
                  stages=("weight", *methods, *extra))
     evaluate_options = config.get("evaluate") or {}
     evaluate_if_stale(layout, evaluate_options)
-    ours = json.loads(layout.metrics.read_text())
+    ours = read_json(layout.metrics, "delete it and rerun `dymu compare`: it evaluates the run again")
     n, reference_point = len(ours["tasks"]), ours["reference_point"]
     prefs = evaluation_preferences(n, int(evaluate_options.get("num_preferences", 20)), c=0.0,
                                    seed=int(evaluate_options.get("seed", 0)))
@@ -358,7 +351,11 @@ def architecture_rows(layout: RunLayout, config: dict[str, Any], max_batches: in
         ``tasks``, ``metric_names``, ``higher_is_better`` and ``rows`` (label, folder, tree, init, metrics, losses,
         delta_m_percent, params, params_change_percent).
     """
+    from dymu.anchor import count_parameters
+    from dymu.baselines.base import load_baseline, preference_network
     from dymu.metrics import delta_m
+    from dymu.model import DynamicMultiTaskModel
+    from dymu.preference import Preference
     from lightning_modules.retrain import TaskMetricsEvaluation
     from stages.evaluate import run_data_config, stream_test_losses
 
@@ -430,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(BASELINES), choices=BASELINES)
     parser.add_argument("--subsets", type=int, default=SUBSETS, help="random subsets per size in figure 6")
     parser.add_argument("--max_batches", type=int, default=None, help="default: the whole test split")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:<index> (default: cuda if available)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override an entry of the run's pipeline config (e.g. a baseline's max_steps)")
     parser.add_argument("--baselines_from", default=None, metavar="P.yaml",
@@ -439,7 +436,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="also the architecture evaluation (tables 5 and 7): train LTB, BMTAS, feature "
                              f"partitioning and the retrained trees ({', '.join(ARCHITECTURE_STAGES)}) and score them")
     args = parser.parse_args(argv)
+    import torch
+
+    from stages.evaluate import trainer_device
     from stages.lineage import run_lock
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    trainer_device(args.device, 1)  # a device this machine lacks fails before anything trains
 
     with run_lock(args.run_dir, "compare"):
         result = compare_run(args.run_dir, methods=args.methods, overrides=args.overrides, subsets=args.subsets,

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from stages.common import build_data, read_yaml
+from stages.common import build_data, read_json, read_yaml
 from stages.layout import RunLayout
 from stages.lineage import run_lock, scored_record
 
@@ -181,7 +181,7 @@ def compare_rows(layout: RunLayout) -> list[dict[str, Any]]:
     """The baselines of ``dymu compare`` (their hypervolume ratio and parameters) when the run has them."""
     if not layout.compare_metrics.is_file():
         return []
-    rows = json.loads(layout.compare_metrics.read_text()).get("rows", [])
+    rows = read_json(layout.compare_metrics, "delete it (or rerun `dymu compare`) and evaluate again").get("rows", [])
     return [r for r in rows if not str(r.get("method", "")).startswith("ours") and r.get("hv_ratio") is not None]
 
 

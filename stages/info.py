@@ -7,16 +7,17 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dymu.anchor import NodeCosts, batchnorm_names, count_parameters
-from dymu.baselines.base import BaselineModel, baseline_class
-from dymu.model import DynamicMultiTaskModel
-from dymu.paper_figures import PaperSetting, paper_setting
-from dymu.search_space import Architecture
 from stages.common import build_backbone_from_config, build_data
 from stages.graph import STAGES
+
+if TYPE_CHECKING:  # torch and the models are imported where used: `dymu info --help` and `--stages` are fast
+    from dymu.anchor import NodeCosts
+    from dymu.baselines.base import BaselineModel
+    from dymu.paper_figures import PaperSetting
 
 BASELINE_MODELS = {"shared_mtl": "static", "static": "static", "phn": "phn", "phn_bn": "phn_bn", "ltb": "ltb",
                    "bmtas": "bmtas", "feature_partitioning": "feature_partitioning"}
@@ -37,6 +38,9 @@ def describe(config: dict[str, Any]) -> dict[str, Any]:
     """The data module, N, L, the anchor's parameters and GFLOPs at the data's input size, the hypernets'
     sizes and, under ``baselines``, the sizes of the baselines the config has a section for
     (``describe_baselines``)."""
+    from dymu.anchor import batchnorm_names
+    from dymu.model import DynamicMultiTaskModel
+
     data = build_data(config["data"])
     backbone = build_backbone_from_config(config["backbone"])
     size = lambda stage: {k: v for k, v in ((config.get(stage) or {}).get("model") or {}).items()  # noqa: E731
@@ -70,6 +74,7 @@ def build_baseline(config: dict[str, Any], stage: str) -> BaselineModel:
     with fresh weights: no data, no training, no parent checkpoint (PHN-BN's frozen network, the searches'
     anchor streams). The model's size arguments are the stage's model arguments of the same name (the stage's
     defaults where the section sets none); a repeated stage's first instance."""
+    from dymu.baselines.base import baseline_class
     from stages.runner import stage_config
 
     spec = STAGES[stage]
@@ -94,6 +99,9 @@ def describe_baselines(config: dict[str, Any], costs: NodeCosts, input_shape: An
     a baseline that runs the shared network, that network's parameters and FLOPs (the shared tree's in the
     anchor's node costs ``costs``, measured at ``input_shape``; batch 1), else the parameters its search trains;
     for a stage whose network depends on its parents' results (``NOT_SIZED``), its instances and a note."""
+    from dymu.anchor import count_parameters
+    from dymu.search_space import Architecture
+
     out: dict[str, dict[str, Any]] = {}
     for spec in STAGES.values():
         if spec.in_pipeline or not spec.trained or spec.name not in config:
@@ -191,6 +199,8 @@ def format_rows(rows: list[Row]) -> str:
 def format_info(info: dict[str, Any]) -> str:
     """Our sizes as ``key  value`` lines, then the paper's figures beside them where the paper has the setting,
     then the baselines' sizes (beside the paper's PHN and PHN-BN rows)."""
+    from dymu.paper_figures import paper_setting
+
     scalars = {key: value for key, value in info.items() if key != "baselines"}
     width = max(map(len, scalars))
     lines = [f"{key:<{width}}  {value:,}" if isinstance(value, int) else f"{key:<{width}}  {value}"
@@ -263,7 +273,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --config (the networks' sizes), --stages (the stage table) or --run_dir (a run's "
                      "controller)")
     if args.run_dir is not None:
+        from dymu.model import run_checkpoint
+
         print(describe_controller(args.run_dir))
+        note = run_checkpoint(args.run_dir)[1]
+        if note is not None:
+            print(f"dymu info: warning: {note}", file=sys.stderr)
     if args.stages:
         print(describe_table())
     if args.config is not None:

@@ -11,18 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from dymu.model import DynamicMultiTaskModel
-from dymu.search_space import Architecture
-from dymu.treeview import draw_tree, render_text, tree_drawing
+if TYPE_CHECKING:  # torch and the model are imported where used: `dymu show|export|predict --help` is fast
+    import torch
+    from torch import Tensor
+
+    from dymu.model import DynamicMultiTaskModel
+    from dymu.search_space import Architecture
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 NORMALISATION = "RGB uint8 image x -> x / 127.5 - 1 (range [-1, 1]), NCHW float32"
@@ -51,14 +53,19 @@ def add_preference_arguments(parser: argparse.ArgumentParser, required: bool = T
     parser.add_argument("--budget_metric", choices=["params", "flops"], default="params")
 
 
-def load_run_model(run_dir: str | Path) -> tuple[DynamicMultiTaskModel, Path]:
-    """The controllable model of a finished run (one-line errors for a missing folder or stage)."""
+def load_run_model(run_dir: str | Path, command: str = "dymu") -> tuple[DynamicMultiTaskModel, Path]:
+    """The controllable model of a finished run (one-line errors for a missing folder or stage); a run without a
+    finished weight stage gives the edge stage's model and one line on stderr saying so."""
+    from dymu.model import DynamicMultiTaskModel, run_checkpoint
     from stages.layout import RunLayout
 
     layout = RunLayout(run_dir)
     if not layout.root.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist: pass the folder that `dymu run` wrote")
-    return DynamicMultiTaskModel.from_checkpoint(layout.model_checkpoint()), layout.root
+    checkpoint, note = run_checkpoint(layout.root)
+    if note is not None:
+        print(f"{command}: warning: {note}", file=sys.stderr)
+    return DynamicMultiTaskModel.from_checkpoint(checkpoint), layout.root
 
 
 @dataclass
@@ -78,12 +85,14 @@ class Served:
     @classmethod
     def load(cls, args: argparse.Namespace) -> Served:
         """The run's model at the preference of the command line."""
-        model, root = load_run_model(args.run_dir)
+        model, root = load_run_model(args.run_dir, getattr(args, "command", "dymu"))
         return cls.at(model, root, parse_r(args.r), args.c, args.budget, args.budget_metric)
 
     @classmethod
     def at(cls, model: DynamicMultiTaskModel, run_dir: Path, r: Sequence[float], c: float, budget: float | None = None,
            budget_metric: str = "params") -> Served:
+        from dymu.search_space import Architecture
+
         if not math.isfinite(c):
             raise ValueError(f"--c must be a number in [0, 1], got {c}")
         pref = model.preference(r, c)
@@ -140,12 +149,15 @@ def show_main(argv: list[str] | None = None) -> int:
                         help="the uniform and every one-hot preference at c = 0, 0.5 and 1 (the paper's figures 16-17)")
     parser.add_argument("--out", default=None, help="also draw the tree (or the grid) into this PNG")
     args = parser.parse_args(argv)
+    args.command = "dymu show"
+    from dymu.treeview import draw_tree, render_text, tree_drawing
+
     if args.run_dir is None:
         raise ValueError("missing --run_dir: pass the folder that `dymu run` wrote")
     if args.grid:
         if args.r is not None or args.c is not None:
             raise ValueError("--grid shows fixed preferences: pass it without --r and --c")
-        model, root = load_run_model(args.run_dir)
+        model, root = load_run_model(args.run_dir, args.command)
         return show_grid(model, root, args.budget, args.budget_metric, args.out)
     missing = [f"--{k}" for k in ("r", "c") if getattr(args, k) is None]
     if missing:
@@ -167,7 +179,7 @@ def grid_preferences(n: int) -> list[tuple[str, list[float]]]:
 def show_grid(model: DynamicMultiTaskModel, run_dir: Path, budget: float | None, budget_metric: str,
               out: str | None) -> int:
     """Print (and draw) the trees of ``grid_preferences`` at every c of ``GRID_C``."""
-    from dymu.treeview import draw_tree_grid
+    from dymu.treeview import draw_tree_grid, tree_drawing
 
     cells = []
     for name, r in grid_preferences(model.n_tasks):
@@ -211,13 +223,11 @@ EXPORT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    from dymu.deploy import EXPORT_FORMATS, require
-
     parser = argparse.ArgumentParser(prog="dymu export", description="the static folded network of a preference "
                                      "exported, checked against PyTorch, with a JSON of its tree and cost beside it; "
                                      "with --all_trees every distinct network of a preference grid once")
     add_preference_arguments(parser, required=False)
-    parser.add_argument("--format", choices=EXPORT_FORMATS, required=True)
+    parser.add_argument("--format", choices=list(EXPORT_SUFFIXES), required=True)  # dymu.deploy.EXPORT_FORMATS
     parser.add_argument("--out", required=True,
                         help="the exported file (F.json is written beside it); with --all_trees a folder")
     parser.add_argument("--no_fold", action="store_true", help="keep the BatchNorms (folded by default)")
@@ -233,6 +243,11 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--c_grid", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                         help="with --all_trees: the values of c (default 0 0.25 0.5 0.75 1)")
     args = parser.parse_args(argv)
+    args.command = "dymu export"
+    import torch
+
+    from dymu.deploy import require
+
     if args.run_dir is None:
         raise ValueError("missing --run_dir: pass the folder that `dymu run` wrote")
     require(args.format)  # a missing package fails before anything is loaded
@@ -240,7 +255,7 @@ def export_main(argv: list[str] | None = None) -> int:
         if args.r is not None or args.c is not None:
             raise ValueError("--all_trees exports the preferences of a grid: pass it without --r and --c "
                              "(--r_steps and --c_grid set the grid)")
-        model, root = load_run_model(args.run_dir)
+        model, root = load_run_model(args.run_dir, args.command)
         return export_all_trees(model, root, args)
     missing = [f"--{k}" for k in ("r", "c") if getattr(args, k) is None]
     if missing:
@@ -279,6 +294,8 @@ def export_checked(served: Served, lean: Any, fmt: str, out: Path, gen: torch.Ge
     """Export ``lean`` (the network of ``served``'s preference) to ``out``, run the file again on random inputs
     (and ``real`` images) against PyTorch and the dynamic model, and write ``out.json`` beside it; returns
     that record."""
+    import torch
+
     from dymu.deploy import ExportedModel, export_model, max_difference
 
     model = served.model
@@ -333,6 +350,8 @@ def network_digest(lean: Any) -> str:
     two networks with the same digest compute the same function."""
     import hashlib
 
+    import torch
+
     digest = hashlib.sha256(str(lean.architecture).encode())
     for name, tensor in lean.state_dict().items():
         t = tensor.detach().cpu().contiguous()
@@ -351,6 +370,8 @@ def export_all_trees(model: DynamicMultiTaskModel, root: Path, args: argparse.Na
     state dict, bit for bit (``network_digest``) - in practice one file per preference once the weight
     hypernet is trained. Every preference is checked against its file: the file's outputs against
     ``model(x, r, c)``."""
+    import torch
+
     from dymu.deploy import ExportedModel, max_difference
 
     if not model.input_shape:
@@ -448,6 +469,7 @@ def check_image(path: Path, input_shape: Sequence[int]) -> None:
 
 def read_image(path: Path, channels: int) -> Tensor:
     """An image as the data modules feed it: ``(C, H, W)`` in [-1, 1]."""
+    import torch
     from PIL import Image
 
     with Image.open(path) as image:
@@ -485,6 +507,7 @@ def write_output(kind: str, output: Tensor, path_stem: Path) -> Path:
     """One task's output for one image: dense maps as PNG (segmentation: class indices in a palette image;
     depth: a colour map; normals: ``(n + 1) / 2`` as RGB; edges and saliency: sigmoid as grey), vectors as
     JSON (class scores with the arg max, or values)."""
+    import torch
     from PIL import Image
 
     y = output.detach().float().cpu()
@@ -523,6 +546,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("inputs", nargs="+", help="image files or folders of images")
     args = parser.parse_args(argv)
+    args.command = "dymu predict"
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
     if args.model is not None:
@@ -592,6 +616,7 @@ def unique_stems(files: Sequence[Path]) -> list[str]:
 def predict_files(files: Sequence[Path], predict: Callable[[Tensor], list[Tensor]], task_configs: Sequence[dict],
                   channels: int, out: Path, batch_size: int) -> list[Path]:
     """Run ``predict`` on the images in batches and write every task's output per image."""
+    import torch
     from tqdm import tqdm
 
     for t in task_configs:

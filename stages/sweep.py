@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from stages.common import read_yaml, write_yaml
+from stages.common import read_json, read_yaml, write_yaml
 from stages.layout import RunLayout
 
 SWEPT_SECTIONS = ("edge", "weight", "evaluate")
@@ -60,7 +60,7 @@ METRIC_COLUMNS = {
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
     """Read and check a sweep file; errors name the entry and the fix."""
-    sweep = read_yaml(path)
+    sweep = read_yaml(path, "sweep file")
     method = sweep.get("method", "grid")
     if method not in METHODS:
         raise ValueError(f"{path}: method must be one of {METHODS}, got {method!r}")
@@ -295,7 +295,7 @@ def run_sweep(sweep_path: str | Path, run_dir: str | Path, trials: int | None = 
         done = layout.trial_result(trial_name(params))
         if done.is_file():
             print(f"[dymu sweep] trial {i + 1}/{len(plan)} {trial_name(params)}: finished, skipping")
-            results.append(json.loads(done.read_text()))
+            results.append(read_json(done, "delete it and rerun the sweep: it runs that trial again"))
             continue
         print(f"[dymu sweep] trial {i + 1}/{len(plan)} {trial_name(params)}")
         results.append(run_trial(run_dir, params))

@@ -200,3 +200,20 @@ class BaselineModel(nn.Module):
 def load_baseline(path: str | Path) -> BaselineModel:
     """Any baseline stage's checkpoint as its model (the kind is read from the checkpoint)."""
     return BaselineModel.from_checkpoint(path)
+
+
+class BoundPreference(nn.Module):
+    """A preference-conditioned baseline fixed at one preference: ``forward(x) = model(x, r)``."""
+
+    def __init__(self, model: BaselineModel, r: Sequence[float]) -> None:
+        super().__init__()
+        self.model, self.r = model, list(r)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return self.model(x, self.r)
+
+
+def preference_network(model: BaselineModel, r: Sequence[float]) -> nn.Module:
+    """The network a baseline runs for ``r``: PHN's generated network is materialised once; others are bound."""
+    materialize = getattr(model, "materialize", None)
+    return materialize(list(r)) if materialize is not None else BoundPreference(model, r)
