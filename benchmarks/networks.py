@@ -1,6 +1,6 @@
 """The benchmarked networks: each config's backbone and data, at the benchmark's, the quick and the paper's sizes.
 
-The paper's data sets are replaced by the fixtures that ``tests/data`` writes in their on-disk formats (the
+The paper's data sets are replaced by the fixtures that ``datamodules/samples`` writes in their on-disk formats (the
 benchmark times the code, not the labels); the quickstart and the synthetic regression generate their data.
 """
 
@@ -71,14 +71,14 @@ class Network:
 
 
 def _pascal_fixture(root: Path, count: int, size: tuple[int, int]) -> Path:
-    from tests.data.pascal_context import make_pascal_mt
+    from datamodules.samples.pascal_context import make_pascal_mt
 
     return make_pascal_mt(root, train_ids=[f"2008_{i:06d}" for i in range(count)], val_ids=["2009_000001"],
                           size=size)
 
 
 def _nyu_fixture(root: Path, count: int, size: tuple[int, int]) -> Path:
-    from tests.data.nyuv2 import make_nyud_mt
+    from datamodules.samples.nyuv2 import make_nyud_mt
 
     data = make_nyud_mt(root, train_ids=[f"{i:04d}" for i in range(1, count + 1)], val_ids=["9999"], size=size)
     # The fixture's depth ramp (0.5 + x / 4 m) passes the loader's 100 m limit beyond 398 pixels of width:
@@ -89,7 +89,7 @@ def _nyu_fixture(root: Path, count: int, size: tuple[int, int]) -> Path:
 
 
 def _cifar_fixture(root: Path, count: int, size: tuple[int, int]) -> Path:
-    from tests.data.cifar100 import make_cifar100
+    from datamodules.samples.cifar100 import make_cifar100
 
     make_cifar100(root, num_train=max(100, count), num_test=100)
     return root

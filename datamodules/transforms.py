@@ -1,4 +1,4 @@
-"""Joint augmentation of an image and its dense labels (BMTAS appendix A, DATA.md).
+"""Joint augmentation of an image and its dense labels (BMTAS appendix A; docs/datasets.md).
 
 A sample is a dict of tensors with a channel dimension: ``image`` ``(3, H, W)`` float in 0..255, and per
 task a target ``(C, H, W)``. How a key is resampled and padded depends on its *kind*:

@@ -1,6 +1,6 @@
 """The DYMU paper's size figures for its four settings (tables 1-4), for setting ours beside them.
 
-Transcribed from /work/shared/design/PAPER_RESULTS.md: the "Single-Task" row's inference parameters and
+Transcribed from the DYMU paper's tables 1-4: the "Single-Task" row's inference parameters and
 "GFLOPs" (the anchor: N separate streams) and the control parameters of "Ours w/o adaptation" (the edge
 hypernet alone) and "Ours" (edge and weight hypernets), and the rows of the dynamic baselines PHN and PHN-BN
 (inference parameters and "GFLOPs" of the shared network they run, their control parameters). The paper's

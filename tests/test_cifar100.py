@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from datamodules.cifar100 import CIFAR100MultiTask
 from datamodules.datasets.cifar100 import CIFAR100_MEAN, CIFAR100_STD, superclass_ranks
 from datamodules.errors import DatasetNotFoundError
+from datamodules.samples.cifar100 import COARSE_LABEL_NAMES, FINE_TO_COARSE, FOLDER, make_cifar100, read_pickle, write_pickle
 from dymu.tasks import IGNORE_INDEX, task_losses
-from tests.data.cifar100 import COARSE_LABEL_NAMES, FINE_TO_COARSE, FOLDER, make_cifar100, read_pickle, write_pickle
 
 NUM_TRAIN, NUM_TEST = 200, 100
 

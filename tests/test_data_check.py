@@ -23,10 +23,10 @@ from datamodules import (
     SyntheticScenesDataModule,
 )
 from datamodules.base import MultiTaskDataModule
+from datamodules.samples.cifar100 import make_cifar100
+from datamodules.samples.nyuv2 import make_nyud_mt
+from datamodules.samples.pascal_context import TRAIN_IDS, make_pascal_mt
 from stages.common import build_data, read_yaml
-from tests.data.cifar100 import make_cifar100
-from tests.data.nyuv2 import make_nyud_mt
-from tests.data.pascal_context import TRAIN_IDS, make_pascal_mt
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SUFFIXES = (".py", ".md", ".yaml")
 SKIPPED_DIRS = ("runs/", ".venv/")
 # Assembled here so that this file does not match its own patterns.
-FORBIDDEN = tuple(name + ".md" for name in ("METHOD", "ARCHITECTURE")) + ("../" + "shared",)
+FORBIDDEN = tuple(name + ".md" for name in ("METHOD", "ARCHITECTURE", "DATA", "PAPER_RESULTS")) + (
+    "../" + "shared", "/work/" + "shared")
 
 
 def tracked_files() -> list[str]:

@@ -1,4 +1,4 @@
-"""Tests of the NYU-v2 data module on tiny generated ``NYUD_MT`` sets (``tests/data/nyuv2.py``): decoding,
+"""Tests of the NYU-v2 data module on tiny generated ``NYUD_MT`` sets (``datamodules/samples/nyuv2.py``): decoding,
 augmentation, padding, losses over invalid pixels, the untouched data directory and every bad-data message."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from PIL import Image
 
 from datamodules.errors import DatasetNotFoundError
 from datamodules.nyuv2 import NYUv2
-from tests.data.nyuv2 import DEFAULT_SIZE, DEFAULT_TRAIN_IDS, DEFAULT_VAL_IDS, make_nyud_mt, nyud_file, read_raw
+from datamodules.samples.nyuv2 import DEFAULT_SIZE, DEFAULT_TRAIN_IDS, DEFAULT_VAL_IDS, make_nyud_mt, nyud_file, read_raw
 
 H, W = DEFAULT_SIZE
 ALL_TASKS = ["semseg", "normals", "depth", "edges"]

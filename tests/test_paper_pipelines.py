@@ -15,12 +15,12 @@ import pytest
 import torch
 import yaml
 
+from datamodules.samples.cifar100 import make_cifar100
+from datamodules.samples.nyuv2 import make_nyud_mt
+from datamodules.samples.pascal_context import VAL_IDS, make_pascal_mt
 from dymu.anchor import AnchorNet, count_parameters
 from stages.common import build_backbone_from_config, build_data
 from stages.runner import load_pipeline_config, run_pipeline
-from tests.data.cifar100 import make_cifar100
-from tests.data.nyuv2 import make_nyud_mt
-from tests.data.pascal_context import VAL_IDS, make_pascal_mt
 
 ROOT = Path(__file__).resolve().parent.parent
 CSV = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "."}}

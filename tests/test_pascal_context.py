@@ -1,4 +1,4 @@
-"""PASCAL-Context multi-task data module on tiny generated ``PASCAL_MT`` folders (tests/data/pascal_context.py)."""
+"""PASCAL-Context multi-task data module on tiny generated ``PASCAL_MT`` folders (datamodules/samples/pascal_context.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from skimage.morphology import thin
 from datamodules.datasets.pascal_context import HUMAN_PART_CLASS, NORMALS_VALID_CLASSES, TASK_NAMES, edge_map
 from datamodules.errors import DatasetNotFoundError
 from datamodules.pascal_context import DEFAULT_SCALES, THREE_TASKS, PascalContext
-from dymu.tasks import IGNORE_INDEX
-from tests.data.pascal_context import (
+from datamodules.samples.pascal_context import (
     ALIGNED_NORMAL,
     LABELMAP_IDS,
     PART_TRUTH,
@@ -28,6 +27,7 @@ from tests.data.pascal_context import (
     make_aligned_pascal_mt,
     make_pascal_mt,
 )
+from dymu.tasks import IGNORE_INDEX
 
 CROP = (48, 64)  # at least every fixture image (up to 44x56)
 ALL_IDS = (*TRAIN_IDS, *VAL_IDS)

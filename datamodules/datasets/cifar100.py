@@ -3,7 +3,7 @@ layout, reading and checking the pickles, the ``Dataset`` (the data module is
 ``datamodules.cifar100.CIFAR100MultiTask``).
 
 Each superclass (coarse label) is a task; within a task the label is the rank of the image's fine label among
-the sorted fine labels of its superclass (DATA.md; ``fine % 5`` would merge two classes in every superclass).
+the sorted fine labels of its superclass (docs/datasets.md; ``fine % 5`` would merge two classes in every superclass).
 The fine -> coarse map comes from the file's own labels and is checked: every fine label in exactly one
 superclass, five per superclass, the same map in every file read.
 

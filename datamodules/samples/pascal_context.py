@@ -1,6 +1,6 @@
 """A tiny fake PASCAL-Context multi-task data set (``PASCAL_MT/``) in the distributed on-disk format.
 
-The files follow DATA.md and the reference loader (ASTMT / Multi-Task-Learning-PyTorch ``pascal_context.py``):
+The files follow docs/datasets.md and the reference loader (ASTMT / Multi-Task-Learning-PyTorch ``pascal_context.py``):
 ``JPEGImages/<id>.jpg``, ``ImageSets/Context/{train,val}.txt``, ``semseg/VOC12/<id>.png`` or
 ``semseg/pascal-context/<id>.png`` (palette PNG), ``human_parts/<id>.mat`` (PASCAL-Part struct ``anno``),
 ``sal_distill/<id>.png`` (grey), ``normals_distill/<id>.png`` (RGB) and ``pascal-context/trainval/<id>.mat``
@@ -30,7 +30,7 @@ from PIL import Image
 TRAIN_IDS = ("2008_000002", "2008_000003", "2008_000007", "2008_000008")
 VAL_IDS = ("2008_000009", "2008_000010", "2008_000015", "2008_000016")
 
-# The 7 human-part classes of DATA.md, stated for the fixture's own part names.
+# The 7 human-part classes of docs/datasets.md, stated for the fixture's own part names.
 PART_TRUTH = {
     "hair": 1, "head": 1, "leye": 1, "mouth": 1,
     "neck": 2, "torso": 2,
