@@ -56,14 +56,16 @@ def usage() -> str:
     lines += ["", "Common options of `run`: --data_root R (sets data.init_args.root), --set KEY=VALUE (any entry, "
               "e.g. --set anchor.trainer.devices=4; repeatable).",
               "Every command: -v/--verbose (or DYMU_VERBOSE=1) shows Lightning's and W&B's full console output; an "
-              "error is one line, exit code 1 (DYMU_TRACEBACK=1 shows the traceback); Ctrl-C stops with exit code "
-              "130."]
+              "error is one line, exit code 1 (DYMU_TRACEBACK=1 shows the traceback); Ctrl-C stops with one line "
+              "(rerun run, compare or sweep to resume)."]
     return "\n".join(lines)
 
 
 USER_ERRORS = (ValueError, OSError, KeyError, RuntimeError, zipfile.BadZipFile, yaml.YAMLError, EOFError,
                pickle.UnpicklingError)
 """What bad input raises: a bad config, a missing or unreadable file, a failed stage, a corrupt file."""
+
+OWN_PACKAGES = ("stages", "dymu", "lightning_modules", "datamodules")
 
 # commands that a rerun resumes (finished stages are skipped, a started one resumes from its checkpoint)
 RESUMABLE = ("run", "compare", "sweep", "trial")
@@ -135,8 +137,8 @@ def error_message(err: BaseException) -> str:
         target = f" -> {err.filename2}" if err.filename2 is not None else ""
         return f"{err.strerror}: {err.filename}{target}"
     message = " ".join(str(err).split()) or name
-    if not isinstance(err, USER_ERRORS) or (isinstance(err, (RuntimeError, KeyError, EOFError))
-                                            and name != "StageFailed"):
+    ours = type(err).__module__.split(".")[0] in OWN_PACKAGES  # StageFailed, RunDirectoryBusy: said in full
+    if not ours and (not isinstance(err, USER_ERRORS) or isinstance(err, (RuntimeError, KeyError, EOFError))):
         message += f" ({name}; DYMU_TRACEBACK=1 shows where)"
     return message
 

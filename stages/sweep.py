@@ -384,7 +384,7 @@ def trial_main(argv: list[str] | None = None) -> int:
         params = parse_trial_arguments(rest)
         result = run_trial(args.run_dir, params)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"[dymu trial] error: {err}", file=sys.stderr)
+        print(f"dymu trial: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, as every command
         return 1
     if os.environ.get("WANDB_SWEEP_ID"):
         import wandb
@@ -416,7 +416,7 @@ def sweep_main(argv: list[str] | None = None) -> int:
         with run_lock(args.run_dir, "sweep"):
             results = run_sweep(args.sweep, args.run_dir, args.trials, args.seed, args.config, args.overrides)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"[dymu sweep] error: {err}", file=sys.stderr)
+        print(f"dymu sweep: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, as every command
         return 1
     print(f"[dymu sweep] {len(results)} trials; summary: {RunLayout(args.run_dir).sweep_summary('md')}")
     return 0
