@@ -1,7 +1,8 @@
 """The synthetic data modules (no files): dense multi-task scenes and the Learning-to-Branch regression tasks.
 
-The data sets are generated in memory (``datamodules.datasets.synthetic``); both modules serve them through
-``MultiTaskDataModule`` like the data sets read from disk. The same seed gives the same tensors in every process.
+The data sets are generated in memory (``datamodules.datasets.synthetic``; the scenes render each sample on demand,
+so memory does not grow with a split's size); both modules serve them through ``MultiTaskDataModule`` like the data
+sets read from disk. The same seed gives the same tensors in every process.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Synthetic data generated in memory from a seed: dense multi-task scenes and the Learning-to-Branch
-regression tasks, as ``TensorDictDataset``s.
+"""Synthetic data generated in memory from a seed: dense multi-task scenes (``SyntheticScenesDataset``, each
+rendered on demand from its index) and the Learning-to-Branch regression tasks (``TensorDictDataset``s).
 
 Everything is drawn with plain torch from generators seeded by ``4 * seed + stream`` (``stream_generator``;
 streams: train 0, val 1, test 2, fixed task parameters 3), so the same seed gives the same tensors in every
@@ -9,7 +9,10 @@ process (DDP ranks included) and no two splits or seeds share a stream. Nothing 
 from __future__ import annotations
 
 import math
+import operator
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +69,10 @@ _FIELD_OF_VIEW = math.radians(60.0)
 _AMBIENT = 0.25
 _NOISE_STD = 0.02
 _RENDER_CHUNK = 32
+#: Default budget of a ``SyntheticScenesDataset``'s cache of rendered chunks, in bytes: it holds the quickstart's
+#: training split (512 scenes of 32x32, 18 MiB) and the default one (512 of 64x64, 72 MiB with three tasks, 80 with
+#: four) whole, so that shuffled epochs after the first render nothing, and bounds every larger split.
+CACHE_BYTES = 128 * 2**20
 
 
 def _uniform(generator: torch.Generator, shape: Sequence[int], low: float, high: float) -> Tensor:
@@ -83,6 +90,43 @@ def _rotate_pitch(v: Tensor, pitch: Tensor, inverse: bool = False) -> Tensor:
         sin = -sin
     x, y, z = v.unbind(-1)
     return torch.stack((x, y * cos - z * sin, y * sin + z * cos), dim=-1)
+
+
+def _draw_parameters(n: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """The random parameters of ``n`` scenes (everything ``render_scenes`` draws before the image noise)."""
+    g = generator
+    height = _uniform(g, (n,), 1.0, 2.0)
+    pitch = torch.deg2rad(_uniform(g, (n,), 5.0, 20.0))
+    wall = _uniform(g, (n,), 8.0, 12.0)
+    elevation = torch.deg2rad(_uniform(g, (n,), 30.0, 70.0))
+    azimuth = torch.deg2rad(_uniform(g, (n,), -60.0, 60.0))
+    wall_colour = _uniform(g, (n, 3), 0.4, 0.9)
+    ground_colour = _uniform(g, (n, 3), 0.3, 0.8)
+
+    count = torch.randint(2, _MAX_OBJECTS + 1, (n,), generator=g)
+    present = torch.arange(_MAX_OBJECTS) < count[:, None]
+    is_sphere = (torch.rand(n, _MAX_OBJECTS, generator=g) < 0.5) & present
+    radius = _uniform(g, (n, _MAX_OBJECTS), 0.4, 1.0)
+    half = torch.where(is_sphere[..., None], radius[..., None], _uniform(g, (n, _MAX_OBJECTS, 3), 0.3, 0.9))
+    depth_centre = 3.0 + (wall[:, None] - 4.5) * torch.rand(n, _MAX_OBJECTS, generator=g)
+    lateral = depth_centre * _uniform(g, (n, _MAX_OBJECTS), -0.5, 0.5)
+    colour = _uniform(g, (n, _MAX_OBJECTS, 3), 0.15, 1.0)
+    return {
+        "height": height, "pitch": pitch, "wall": wall, "elevation": elevation, "azimuth": azimuth,
+        "wall_colour": wall_colour, "ground_colour": ground_colour, "present": present, "is_sphere": is_sphere,
+        "radius": radius, "half": half, "depth_centre": depth_centre, "lateral": lateral, "colour": colour,
+    }
+
+
+def _draw_noise(n: int, image_size: int, generator: torch.Generator) -> Tensor:
+    """The image noise of ``n`` scenes, ``(n, S * S, 3)`` standard normal (scaled by ``render_scenes``)."""
+    return torch.randn((n, image_size * image_size, 3), generator=generator)
+
+
+def skip_scenes(n: int, image_size: int, generator: torch.Generator) -> None:
+    """Advance ``generator`` exactly as ``render_scenes(n, image_size, generator)`` does, without rendering."""
+    _draw_parameters(n, generator)
+    _draw_noise(n, image_size, generator)
 
 
 def render_scenes(n: int, image_size: int, generator: torch.Generator) -> dict[str, Tensor]:
@@ -108,28 +152,16 @@ def render_scenes(n: int, image_size: int, generator: torch.Generator) -> dict[s
         horizontally or vertically adjacent pair that shows different surfaces, i.e. semantic boundaries and
         occlusion boundaries (depth jumps), 1 pixel thick.
     """
-    g = generator
-    height = _uniform(g, (n,), 1.0, 2.0)
-    pitch = torch.deg2rad(_uniform(g, (n,), 5.0, 20.0))
-    wall = _uniform(g, (n,), 8.0, 12.0)
-    elevation = torch.deg2rad(_uniform(g, (n,), 30.0, 70.0))
-    azimuth = torch.deg2rad(_uniform(g, (n,), -60.0, 60.0))
+    p = _draw_parameters(n, generator)
+    noise = _draw_noise(n, image_size, generator)  # the last draw: nothing below touches the generator
+    height, pitch, wall, radius, half, colour = (p[k] for k in ("height", "pitch", "wall", "radius", "half", "colour"))
+    elevation, azimuth, is_sphere = p["elevation"], p["azimuth"], p["is_sphere"]
     light = torch.stack(
         (elevation.cos() * azimuth.sin(), elevation.sin(), -elevation.cos() * azimuth.cos()), dim=-1
     )
-    wall_colour = _uniform(g, (n, 3), 0.4, 0.9)
-    ground_colour = _uniform(g, (n, 3), 0.3, 0.8)
-
-    count = torch.randint(2, _MAX_OBJECTS + 1, (n,), generator=g)
-    present = torch.arange(_MAX_OBJECTS) < count[:, None]
-    is_sphere = (torch.rand(n, _MAX_OBJECTS, generator=g) < 0.5) & present
-    is_box = ~is_sphere & present
-    radius = _uniform(g, (n, _MAX_OBJECTS), 0.4, 1.0)
-    half = torch.where(is_sphere[..., None], radius[..., None], _uniform(g, (n, _MAX_OBJECTS, 3), 0.3, 0.9))
-    depth_centre = 3.0 + (wall[:, None] - 4.5) * torch.rand(n, _MAX_OBJECTS, generator=g)
-    lateral = depth_centre * _uniform(g, (n, _MAX_OBJECTS), -0.5, 0.5)
-    centre = torch.stack((lateral, half[..., 1], depth_centre), dim=-1)
-    colour = _uniform(g, (n, _MAX_OBJECTS, 3), 0.15, 1.0)
+    wall_colour, ground_colour = p["wall_colour"], p["ground_colour"]
+    is_box = ~is_sphere & p["present"]
+    centre = torch.stack((p["lateral"], half[..., 1], p["depth_centre"]), dim=-1)
 
     # Unnormalised rays with unit z in camera space: the ray parameter t of a hit is its depth.
     coords = (torch.arange(image_size) + 0.5) / image_size * 2.0 - 1.0
@@ -191,7 +223,7 @@ def render_scenes(n: int, image_size: int, generator: torch.Generator) -> dict[s
     )
     lambert = (normal * light[:, None]).sum(-1, keepdim=True).clamp(min=0)
     rgb = albedo * (_AMBIENT + (1 - _AMBIENT) * lambert)
-    rgb = (rgb + _NOISE_STD * torch.randn(rgb.shape, generator=g)).clamp(0, 1)
+    rgb = (rgb + _NOISE_STD * noise).clamp(0, 1)
 
     grid = (n, image_size, image_size)
     surface = surface.view(grid)
@@ -211,29 +243,107 @@ def render_scenes(n: int, image_size: int, generator: torch.Generator) -> dict[s
     }
 
 
-class SyntheticScenesDataset(TensorDictDataset):
+class SyntheticScenesDataset(Dataset):
     """Rendered scenes (``render_scenes``, in chunks of 32 drawn one after the other from ``generator``) with
     the labels of ``tasks``: ``image`` ``(3, S, S)`` and per task ``semseg`` ``(S, S)`` long (the surface kind
     through ``CLASS_MAPS[num_classes]``), ``depth`` ``(1, S, S)``, ``normals`` ``(3, S, S)``, ``edges``
     ``(1, S, S)``.
+
+    Scenes are rendered on demand, so memory does not grow with ``num_samples``: construction only advances
+    ``generator`` past every chunk (``skip_scenes``: the parameter and noise draws, no rendering) and keeps the
+    generator's state at the start of each chunk (5 KB a chunk). Item ``i`` renders the chunk holding it from its
+    state, exactly the call that drew the chunk, so every sample is bit-for-bit what rendering the whole split
+    at once gives. Rendered chunks stay in a least-recently-used cache of at most ``cache_bytes`` (the chunk
+    in use is always kept): a sequential pass renders each chunk once, and a split that fits the budget is
+    rendered once in all. ``__getitems__`` (a DataLoader's batch) takes the samples chunk by chunk, so a batch
+    renders each of its chunks at most once. The cache is not pickled (DataLoader workers start empty).
 
     Args:
         num_samples: number of scenes.
         image_size: height and width in pixels.
         num_classes: a key of ``CLASS_MAPS``.
         tasks: names among ``DENSE_TASKS``, in batch order.
-        generator: source of all randomness.
+        generator: source of all randomness; left where rendering the whole split would leave it.
+        cache_bytes: budget of the cache of rendered chunks.
     """
 
     def __init__(self, num_samples: int, image_size: int, num_classes: int, tasks: Sequence[str],
-                 generator: torch.Generator) -> None:
-        parts = [
-            render_scenes(min(_RENDER_CHUNK, num_samples - start), image_size, generator)
-            for start in range(0, num_samples, _RENDER_CHUNK)
-        ]
-        scenes = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-        scenes["semseg"] = torch.tensor(CLASS_MAPS[num_classes])[scenes.pop("kind")]
-        super().__init__({key: scenes[key] for key in ["image", *tasks]})
+                 generator: torch.Generator, cache_bytes: int = CACHE_BYTES) -> None:
+        check_positive(num_samples=num_samples, image_size=image_size)
+        unknown = [t for t in tasks if t not in DENSE_TASKS]
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; choose among {list(DENSE_TASKS)}")
+        if num_classes not in CLASS_MAPS:
+            raise ValueError(f"num_classes {num_classes} is not one of {sorted(CLASS_MAPS)}")
+        self.num_samples, self.image_size, self.num_classes = num_samples, image_size, num_classes
+        self.keys = ["image", *tasks]
+        self.cache_bytes = cache_bytes
+        self._device = generator.device
+        self._states: list[Tensor] = []
+        for start in range(0, num_samples, _RENDER_CHUNK):
+            self._states.append(generator.get_state())
+            skip_scenes(min(_RENDER_CHUNK, num_samples - start), image_size, generator)
+        self._cache: OrderedDict[int, dict[str, Tensor]] = OrderedDict()
+        self._cached_bytes = 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _render(self, chunk: int) -> dict[str, Tensor]:
+        """The samples of ``chunk``, rendered from the generator state it was drawn from."""
+        generator = torch.Generator(device=self._device)
+        generator.set_state(self._states[chunk])
+        start = chunk * _RENDER_CHUNK
+        scenes = render_scenes(min(_RENDER_CHUNK, self.num_samples - start), self.image_size, generator)
+        scenes["semseg"] = torch.tensor(CLASS_MAPS[self.num_classes])[scenes.pop("kind")]
+        return {key: scenes[key] for key in self.keys}
+
+    def _chunk(self, chunk: int) -> dict[str, Tensor]:
+        """The samples of ``chunk``, from the cache or rendered (and cached, evicting the least recently used)."""
+        if chunk in self._cache:
+            self._cache.move_to_end(chunk)
+            return self._cache[chunk]
+        tensors = self._render(chunk)
+        self._cache[chunk] = tensors
+        self._cached_bytes += sum(t.nbytes for t in tensors.values())
+        while len(self._cache) > 1 and self._cached_bytes > self.cache_bytes:
+            _, evicted = self._cache.popitem(last=False)
+            self._cached_bytes -= sum(t.nbytes for t in evicted.values())
+        return tensors
+
+    def _position(self, index: Any) -> int:
+        i = operator.index(index)
+        if i < 0:
+            i += self.num_samples
+        if not 0 <= i < self.num_samples:
+            raise IndexError(f"index {index} is out of range for {self.num_samples} scenes")
+        return i
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        i = self._position(index)
+        tensors = self._chunk(i // _RENDER_CHUNK)
+        return {key: t[i % _RENDER_CHUNK].clone() for key, t in tensors.items()}  # no view keeps a chunk alive
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Tensor]]:
+        """The samples of ``indices``, in that order (a DataLoader's batch), taken chunk by chunk so that each of
+        their chunks is rendered at most once."""
+        positions = [self._position(i) for i in indices]
+        samples: list[dict[str, Tensor]] = [{} for _ in positions]
+        for j in sorted(range(len(positions)), key=lambda j: positions[j] // _RENDER_CHUNK):
+            samples[j] = self[positions[j]]
+        return samples
+
+    @property
+    def tensors(self) -> dict[str, Tensor]:
+        """Every sample stacked, ``{key: (num_samples, ...)}``: renders the whole split, so memory grows with it
+        (for inspection and tests; loaders index the dataset)."""
+        chunks = [self._chunk(k) for k in range(len(self._states))]
+        return {key: torch.cat([c[key] for c in chunks]) for key in self.keys}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_cache"], state["_cached_bytes"] = OrderedDict(), 0
+        return state
 
 
 # ----------------------------------------------------------------------------------------------------------
