@@ -86,7 +86,7 @@ class DynamicMultiTaskModel(nn.Module):
     @classmethod
     def from_run(cls, run_dir: str | Path, stage: str | None = None) -> DynamicMultiTaskModel:
         """The model of a run directory written by ``dymu run`` (the run's file names are the run layout's,
-        ``stages.layout``).
+        ``dymu.layout``).
 
         Args:
             run_dir: the run directory.
@@ -217,7 +217,7 @@ def run_checkpoint(run_dir: str | Path, stage: str | None = None) -> tuple[Path,
     when it is not the complete model (None when it is): without ``stage``, the weight stage's, else the edge
     stage's (the line says that the weight stage's BatchNorm adaptation is missing). The commands that load a
     run (``dymu show``, ``export``, ``predict``, ``info``) print that line."""
-    from stages.layout import RunLayout  # the runner's layout; dymu itself knows no run file names
+    from dymu.layout import RunLayout
 
     layout = RunLayout(run_dir)
     if stage is None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages.layout import AFFINITY, AFFINITY_PLOT, RunLayout
+from dymu.layout import AFFINITY, AFFINITY_PLOT, RunLayout
 
 if TYPE_CHECKING:  # torch and the model are imported where used: `dymu affinity --help` is fast
     import torch
@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # torch and the model are imported where used: `dymu affinity
 def compute_affinity(anchor_checkpoint: str | Path, data: LightningDataModule, out_dir: str | Path,
                      num_images: int = 100, seed: int = 0) -> torch.Tensor:
     """Run the anchor as N separate networks on ``num_images`` training inputs (chosen with ``seed``),
-    compute the affinity and write it (and its plot) into ``out_dir`` (see ``stages.layout``)."""
+    compute the affinity and write it (and its plot) into ``out_dir`` (see ``dymu.layout``)."""
     import torch
 
     from dymu.affinity import rsa_affinity, save_affinity

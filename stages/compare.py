@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dymu.layout import RunLayout
 from stages.common import read_json, read_yaml
 from stages.graph import STAGES
-from stages.layout import RunLayout
 
 if TYPE_CHECKING:  # torch and the models are imported where used: `dymu compare --help` is fast
     from torch import nn

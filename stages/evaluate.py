@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from dymu.layout import RunLayout
 from stages.common import build_data, read_json, read_yaml
-from stages.layout import RunLayout
 from stages.lineage import run_lock, scored_record
 
 if typing.TYPE_CHECKING:  # torch, Lightning and the model are imported where used: `dymu evaluate --help` is fast

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.layout import RunLayout
+from dymu.layout import RunLayout
 
 
 @dataclass(frozen=True)

@@ -228,7 +228,7 @@ def describe_controller(run_dir: str) -> str:
     edge stage's checkpoint, and how its trees are searched."""
     from dymu.checkpoint import META_KEY, load_checkpoint
     from dymu.controller import EXACT_TREE_LIMIT, count_trees
-    from stages.layout import RunLayout
+    from dymu.layout import RunLayout
 
     path = RunLayout(run_dir).final("edge")
     if not path.is_file():

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages.layout import RunLayout, relative_config
+from dymu.layout import RunLayout, relative_config, unreadable
 
 LINEAGE_KEY = "dymu_lineage"
 """Top-level key of a stage checkpoint's lineage record."""
@@ -146,12 +146,6 @@ def read_lineage(path: str | Path) -> tuple[Lineage | None, str]:
         raise ValueError(f"{path} is not a dymu stage checkpoint")
     meta = ckpt.get(META_KEY) or {}
     return Lineage.from_dict(ckpt.get(LINEAGE_KEY)), str(meta.get("stage", "")) if isinstance(meta, dict) else ""
-
-
-def unreadable(path: Path) -> PermissionError:
-    """The error for a file that exists but cannot be read: its permissions, not its content, are at fault."""
-    return PermissionError(f"{path} cannot be read (permission denied); fix its permissions (chmod u+r) and rerun: "
-                           "nothing was changed")
 
 
 def lineage_from_environment() -> dict[str, Any] | None:

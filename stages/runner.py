@@ -11,7 +11,7 @@ The runner writes each training stage's full LightningCLI config to the run's ``
 stage can be rerun by hand with ``dymu <stage> fit --config ...``) and runs it in a subprocess (so that DDP's
 launcher re-executes that stage alone). A finished stage is skipped, provided its config has not changed
 (paths inside the run directory are compared relative to it: a moved run matches); a started one resumes
-from its newest readable checkpoint. The file names are ``stages.layout``'s.
+from its newest readable checkpoint. The file names are ``dymu.layout``'s.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Any
 
 import yaml
 
+from dymu.layout import RunLayout, checkpoint_problem, written_root
 from stages.common import DEFAULT_LOGGER, build_data, read_yaml, write_yaml
 from stages.graph import PIPELINE_KEYS, REPEAT_KEYS, STAGE_SECTION_KEYS, STAGES, Stage, order, training_stages
-from stages.layout import RunLayout, checkpoint_problem, written_root
 from stages.lineage import (
     LINEAGE_ENV,
     Lineage,

@@ -56,8 +56,8 @@ def add_preference_arguments(parser: argparse.ArgumentParser, required: bool = T
 def load_run_model(run_dir: str | Path, command: str = "dymu") -> tuple[DynamicMultiTaskModel, Path]:
     """The controllable model of a finished run (one-line errors for a missing folder or stage); a run without a
     finished weight stage gives the edge stage's model and one line on stderr saying so."""
+    from dymu.layout import RunLayout
     from dymu.model import DynamicMultiTaskModel, run_checkpoint
-    from stages.layout import RunLayout
 
     layout = RunLayout(run_dir)
     if not layout.root.is_dir():

@@ -18,9 +18,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from dymu.layout import LAST_CHECKPOINT, STEP_CHECKPOINT, RunLayout
 from stages.common import DEFAULT_LOGGER
 from stages.graph import STAGES
-from stages.layout import LAST_CHECKPOINT, STEP_CHECKPOINT, RunLayout
 from stages.lineage import LINEAGE_ENV, LINEAGE_KEY, lineage_from_environment
 
 
@@ -42,7 +42,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class StageCheckpoint(ModelCheckpoint):
     """Saves ``checkpoints/last.ckpt`` (and ``step=N.ckpt``) every ``every_n_train_steps`` steps to resume a
     killed run, ``final.ckpt`` when fit finishes (the next stage's input; the runner skips a stage that has
-    one), and ``last.ckpt`` when the run is stopped by SIGTERM or Ctrl-C. Paths come from ``stages.layout``;
+    one), and ``last.ckpt`` when the run is stopped by SIGTERM or Ctrl-C. Paths come from ``dymu.layout``;
     every checkpoint is written atomically."""
 
     def __init__(self, every_n_train_steps: int = 100) -> None:

@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from dymu.layout import RunLayout
 from stages.common import read_json, read_yaml, write_yaml
-from stages.layout import RunLayout
 
 SWEPT_SECTIONS = ("edge", "weight", "evaluate")
 """Top-level sections a trial may change: everything else would need a new anchor."""

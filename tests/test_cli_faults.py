@@ -21,10 +21,10 @@ import yaml
 
 import stages.runner
 from dymu.affinity import load_affinity
+from dymu.layout import RunLayout
 from dymu.model import DynamicMultiTaskModel, IncompleteRunWarning
 from stages.cli import COMMANDS, entry_point
 from stages.console import QUIET_LOGGERS, take_verbose_flag
-from stages.layout import RunLayout
 from tests.test_pipeline import ROOT, tiny_config, write
 
 NOISE = ("GPU available", "TPU available", "Tip:", "litlogger", "litmodels", "wandb:", "LeafSpec",

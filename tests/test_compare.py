@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from dymu.layout import RunLayout
 from dymu.metrics import hypervolume
 from stages.cli import entry_point
 from stages.compare import static_match, static_subset_curve
-from stages.layout import RunLayout
 from stages.runner import run_pipeline
 from tests.test_pipeline import CSV, tiny_config, tiny_trainer, write
 

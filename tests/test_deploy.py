@@ -154,7 +154,7 @@ def write_run(model, root):
     (root / "weight").mkdir(parents=True)
     (root / "configs").mkdir()
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                META_KEY: {"model": model.config()}}, root / "weight" / "final.ckpt")
+                META_KEY: {"stage": "weight", "model": model.config()}}, root / "weight" / "final.ckpt")
     data = {"class_path": "datamodules.synthetic.SyntheticScenesDataModule",
             "init_args": {"tasks": ["semseg", "depth", "normals"], "num_train": 8, "num_val": 4, "num_test": 6,
                           "image_size": 16, "batch_size": 4}}

@@ -24,6 +24,7 @@ from dymu.anchor import recalibrate_batchnorm
 from dymu.backbones.base import Backbone
 from dymu.checkpoint import META_KEY
 from dymu.evaluation import Evaluated, LossSums, configuration_forwards, protocol_variants
+from dymu.layout import RunLayout
 from dymu.metrics import hypervolume, mean_uniformity
 from dymu.model import DynamicMultiTaskModel
 from dymu.preference import Preference, evaluation_preferences
@@ -32,7 +33,6 @@ from dymu.tasks import task_losses, task_scales
 from lightning_modules.evaluation import ProtocolEvaluation
 from stages.common import build_data, instantiate, write_yaml
 from stages.evaluate import evaluate_run, training_images
-from stages.layout import RunLayout
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKBONE = {"class_path": "dymu.backbones.ConvEncoderDecoder",

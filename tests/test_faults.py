@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dymu.layout import RunLayout
 from stages.cli import entry_point
-from stages.layout import RunLayout
 from stages.lineage import LINEAGE_KEY, RunDirectoryBusy, file_hash, run_lock
 from stages.runner import run_pipeline
 from tests.test_pipeline import CSV, ROOT, tiny_config, write
@@ -171,7 +171,7 @@ def test_a_permission_error_is_not_taken_for_corruption(tiny_run, tmp_path, caps
             raise PermissionError(13, "Permission denied", str(path))
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr("stages.layout.zipfile.ZipFile", guarded)
+    monkeypatch.setattr("dymu.layout.zipfile.ZipFile", guarded)
     err = one_line_error(capsys, entry_point(["run", "--config", str(cfg), "--run_dir", str(layout.root)]))
     assert "weight/final.ckpt cannot be read (permission denied)" in err and "chmod" in err, err
     assert snapshot(layout) == before, "a readable-but-forbidden checkpoint was moved or replaced"

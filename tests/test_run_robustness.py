@@ -18,9 +18,9 @@ import pytest
 import torch
 import yaml
 
+from dymu.layout import RunLayout, checkpoint_problem, relative_config, resolve_config
 from stages.cli import entry_point
 from stages.graph import STAGES, order, training_stages
-from stages.layout import RunLayout, checkpoint_problem, relative_config, resolve_config
 from stages.runner import run_pipeline, run_stage, stage_config
 from stages.stage_cli import AtomicCheckpointIO, StageConfigError, train_seconds
 from tests.test_pipeline import CSV, ROOT, tiny_config, write
@@ -240,7 +240,7 @@ def test_only_the_layout_module_writes_run_file_names():
     offenders = []
     for package in ("dymu", "stages", "lightning_modules", "datamodules"):
         for path in (ROOT / package).rglob("*.py"):
-            if path == ROOT / "stages" / "layout.py":
+            if path == ROOT / "dymu" / "layout.py":
                 continue
             tree = ast.parse(path.read_text())
             docstrings = {id(n.body[0].value) for n in ast.walk(tree)
@@ -253,7 +253,7 @@ def test_only_the_layout_module_writes_run_file_names():
                         # a path built from the name (not prose that mentions it, such as a help text)
                         if re.search(rf"(^|/){re.escape(name)}$", node.value):
                             offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}")
-    assert not offenders, "run file names outside stages/layout.py:\n" + "\n".join(offenders)
+    assert not offenders, "run file names outside dymu/layout.py:\n" + "\n".join(offenders)
 
 
 def test_stage_table_drives_the_cli_and_the_order():
@@ -285,3 +285,31 @@ def test_no_import_cycle_between_cli_and_runner():
 
     assert "stages.cli" not in imports("stages.runner")
     assert "stages.cli" not in imports("stages.stage_cli")
+
+
+# the floors of the house, lowest first: a module imports only from its own floor or lower ones
+FLOORS = ("dymu", "datamodules", "lightning_modules", "stages")
+
+
+def _imported_packages(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):  # lazy imports inside functions count too
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.lineno, node.module.split(".")[0]))
+    return found
+
+
+def test_no_import_from_a_lower_floor_to_a_higher_one():
+    offenders = []
+    for floor, package in enumerate(FLOORS):
+        for path in (ROOT / package).rglob("*.py"):
+            for line, imported in _imported_packages(path):
+                if imported in FLOORS[floor + 1:] or imported in ("tests", "benchmarks", "docs"):
+                    offenders.append(f"{path.relative_to(ROOT)}:{line} imports {imported}")
+    for path in (ROOT / "benchmarks").rglob("*.py"):
+        offenders += [f"{path.relative_to(ROOT)}:{line} imports tests" for line, imported in _imported_packages(path)
+                      if imported == "tests"]
+    assert not offenders, "imports from a lower floor to a higher one:\n" + "\n".join(offenders)

@@ -20,8 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from dymu.layout import RunLayout  # noqa: E402
 from stages.compare import ours_reaches_static_first  # noqa: E402
-from stages.layout import RunLayout  # noqa: E402
 
 
 def mean_sd(values: list[float | None], spec: str = ".3f") -> str:

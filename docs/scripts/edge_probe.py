@@ -30,13 +30,13 @@ from torch import Tensor, nn
 from dymu.affinity import load_affinity
 from dymu.evaluation import mean_task_losses
 from dymu.hypernets import EdgeHypernet
+from dymu.layout import RunLayout
 from dymu.model import DynamicMultiTaskModel
 from dymu.preference import Preference, sample_training_preference
 from dymu.search_space import Architecture
 from dymu.tasks import tasks_from_config
 from dymu.training import edge_search_loss, temperature_at
 from stages.common import build_data, read_yaml
-from stages.layout import RunLayout
 
 PROBES = [[1 / 3, 1 / 3, 1 / 3], [0.5, 0.0, 0.5], [0.45, 0.1, 0.45], [0.4, 0.3, 0.3], [0.5, 0.5, 0.0]]
 

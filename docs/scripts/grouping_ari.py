@@ -25,8 +25,8 @@ from typing import Any
 
 from dymu.baselines.grouping import adjusted_rand_index, deepest_shared_grouping, partition_labels, tree_groupings
 from dymu.baselines.ltb import found_architecture
+from dymu.layout import RunLayout
 from stages.common import build_data
-from stages.layout import RunLayout
 from stages.runner import load_pipeline_config, run_pipeline
 
 SEARCHES = ("ltb", "bmtas")

@@ -31,8 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from dymu.layout import RunLayout  # noqa: E402
 from stages.common import read_yaml, write_yaml  # noqa: E402
-from stages.layout import RunLayout  # noqa: E402
 from stages.sweep import agent_arguments, load_sweep, plan_trials, trial_name  # noqa: E402
 
 DYMU = [sys.executable, "-c", "import sys; from stages.cli import entry_point; sys.exit(entry_point())"]

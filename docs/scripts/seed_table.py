@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from stages.layout import RunLayout  # noqa: E402
+from dymu.layout import RunLayout  # noqa: E402
 
 
 def mean_sd(values: list[float], digits: int = 3, low: bool = False) -> str:

@@ -205,12 +205,16 @@ def checkpoint_problem(path: Path) -> str | None:
     except FileNotFoundError:
         return "missing"
     except PermissionError:
-        from stages.lineage import unreadable
-
         raise unreadable(path) from None
     except (zipfile.BadZipFile, OSError, ValueError) as err:
         return f"not a readable checkpoint ({err})"
     return None
+
+
+def unreadable(path: Path) -> PermissionError:
+    """The error for a file that exists but cannot be read: its permissions, not its content, are at fault."""
+    return PermissionError(f"{path} cannot be read (permission denied); fix its permissions (chmod u+r) and rerun: "
+                           "nothing was changed")
 
 
 def written_root(stage_config: dict[str, Any], stage: str) -> Path | None:
