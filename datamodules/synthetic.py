@@ -7,6 +7,8 @@ sets read from disk. The same seed gives the same tensors in every process.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import Tensor
 
 from datamodules.base import MultiTaskDataModule, check_batch_fits, merge_scales, select_tasks
@@ -165,7 +167,13 @@ class SyntheticRegressionDataModule(_GeneratedDataModule):
         num_workers: DataLoader worker processes.
         seed: seed of the matrices and of all samples.
         scale_multipliers: one factor per group on the activation's argument; defaults to 1 each.
-        phi: the normalisation ``phi``; defaults to ``sqrt(3 * input_dim)`` (see above).
+        phi: the normalisation ``phi``: a number, ``"input_dim"`` (the paper's) or omitted for
+            ``sqrt(3 * input_dim)`` (see above).
+        noise_scale: the reading of the paper's ``B ~ N(0, 10)``, ``delta ~ N(0, 2)``: ``"variance"`` (default,
+            see above) or ``"std"`` (standard deviations 10 and 2: two tasks' arguments then correlate
+            100 / 104 = 0.96 instead of 10 / 12 = 0.83). docs/results.md compares the readings.
+        input_distribution: ``Z``'s entries, ``"normal"`` (default) or ``"uniform"`` (unit variance); the paper
+            does not say.
     """
 
     def __init__(
@@ -181,14 +189,16 @@ class SyntheticRegressionDataModule(_GeneratedDataModule):
         num_workers: int = 0,
         seed: int = 0,
         scale_multipliers: list[float] | None = None,
-        phi: float | None = None,
+        phi: float | Literal["input_dim"] | None = None,
+        noise_scale: Literal["variance", "std"] = "variance",
+        input_distribution: Literal["normal", "uniform"] = "normal",
     ) -> None:
         sizes = {"train": num_train, "val": num_val, "test": num_test}
         super().__init__(sizes, batch_size=batch_size, num_workers=num_workers, seed=seed)
         self.save_hyperparameters()
         acts = list(activations) if activations is not None else ["bent", "square", "sinc"]
         self.problem = RegressionTasks(acts, tasks_per_group, input_dim, output_dim, num_train, seed,
-                                       scale_multipliers, phi)
+                                       scale_multipliers, phi, noise_scale, input_distribution)
         self.input_dim, self.output_dim, self.phi = input_dim, output_dim, self.problem.phi
         self.activations, self.scale_multipliers = self.problem.activations, self.problem.scale_multipliers
         self._tasks = [

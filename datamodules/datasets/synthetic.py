@@ -368,6 +368,11 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
+NOISE_SCALES = {"variance": (math.sqrt(10.0), math.sqrt(2.0)), "std": (10.0, 2.0)}
+"""The factors on normal draws of ``B`` and ``delta`` for each reading of the paper's N(0, 10) and N(0, 2)."""
+INPUT_DISTRIBUTIONS = ("normal", "uniform")
+
+
 class RegressionTasks:
     """The task family ``T_{r,s} = act_r(m_r (B + delta_s) Z / phi)`` of Learning to Branch (section 4.1), fixed
     by a seed: the groups and task names, the matrices, and the standardisation of every target with the training
@@ -386,12 +391,17 @@ class RegressionTasks:
         num_train: training samples (they define the standardisation).
         seed: seed of the matrices and of all inputs.
         scale_multipliers: one factor ``m_r`` per group on the activation's argument; defaults to 1 each.
-        phi: the normalisation; defaults to ``sqrt(3 * input_dim)``.
+        phi: the normalisation: a number, ``"input_dim"`` (the paper's words) or None for ``sqrt(3 * input_dim)``.
+        noise_scale: how to read the paper's ``B ~ N(0, 10)`` and ``delta ~ N(0, 2)``: ``"variance"`` (entries
+            of variance 10 and 2) or ``"std"`` (standard deviations 10 and 2). The same normal draws are scaled.
+        input_distribution: ``Z``'s entries: ``"normal"`` (N(0, 1)) or ``"uniform"`` (on [-sqrt 3, sqrt 3]:
+            variance 1 too); the paper does not say.
     """
 
     def __init__(self, activations: Sequence[str], tasks_per_group: int | Sequence[int], input_dim: int,
                  output_dim: int, num_train: int, seed: int, scale_multipliers: Sequence[float] | None = None,
-                 phi: float | None = None) -> None:
+                 phi: float | str | None = None, noise_scale: str = "variance",
+                 input_distribution: str = "normal") -> None:
         acts = list(activations)
         unknown = [a for a in acts if a not in ACTIVATIONS]
         if unknown or not acts:
@@ -414,9 +424,16 @@ class RegressionTasks:
                 f"({len(acts)})"
             )
         check_positive(input_dim=input_dim, output_dim=output_dim)
-        self.phi = math.sqrt(3 * input_dim) if phi is None else float(phi)
+        if noise_scale not in NOISE_SCALES:
+            raise ValueError(f"noise_scale must be one of {list(NOISE_SCALES)}, got {noise_scale!r}")
+        if input_distribution not in INPUT_DISTRIBUTIONS:
+            raise ValueError(f"input_distribution must be one of {list(INPUT_DISTRIBUTIONS)}, got {input_distribution!r}")
+        if isinstance(phi, str) and phi != "input_dim":
+            raise ValueError(f"phi must be a positive number, 'input_dim' or omitted, got {phi!r}")
+        self.phi = math.sqrt(3 * input_dim) if phi is None else float(input_dim if phi == "input_dim" else phi)
         if not (math.isfinite(self.phi) and self.phi > 0):
             raise ValueError(f"phi must be a positive finite number, got {phi}")
+        self.noise_scale, self.input_distribution = noise_scale, input_distribution
         self.input_dim, self.output_dim, self.num_train, self.seed = input_dim, output_dim, num_train, seed
         self.activations, self.scale_multipliers = acts, multipliers
 
@@ -428,16 +445,48 @@ class RegressionTasks:
         self.task_names = [name for group in self.groups for name in group]
 
         g = stream_generator(seed, "parameters")
-        base = math.sqrt(10.0) * torch.randn(output_dim, input_dim, generator=g)
+        base_scale, noise = NOISE_SCALES[noise_scale]
+        base = base_scale * torch.randn(output_dim, input_dim, generator=g)
         self._mixing = [
-            [base + math.sqrt(2.0) * torch.randn(output_dim, input_dim, generator=g) for _ in group]
+            [base + noise * torch.randn(output_dim, input_dim, generator=g) for _ in group]
             for group in self.groups
         ]
         self._stats: tuple[Tensor, Tensor] | None = None
 
     def inputs(self, split: str, n: int) -> Tensor:
         """``n`` inputs ``(n, input_dim)`` of ``split``, from its stream."""
-        return torch.randn(n, self.input_dim, generator=stream_generator(self.seed, split))
+        g = stream_generator(self.seed, split)
+        if self.input_distribution == "uniform":
+            return (2.0 * torch.rand(n, self.input_dim, generator=g) - 1.0) * math.sqrt(3.0)
+        return torch.randn(n, self.input_dim, generator=g)
+
+    def correlations(self, num_samples: int = 20000) -> Tensor:
+        """``(T, T)``: the Pearson correlation of two tasks' targets per output, averaged over the outputs, on
+        ``num_samples`` inputs of the test split's stream (how related the family makes its tasks)."""
+        targets = self._raw_targets(self.inputs("test", num_samples))  # (T, n, out)
+        centred = targets - targets.mean(dim=1, keepdim=True)
+        unit = centred / centred.norm(dim=1, keepdim=True).clamp(min=1e-12)
+        return torch.einsum("sno,tno->sto", unit, unit).mean(dim=-1)
+
+    def correlation_summary(self, num_samples: int = 20000) -> dict[str, float]:
+        """Mean target correlation within each group (``"bent"``) and between each pair of groups
+        (``"bent-square"``); groups named by activation, with their multiplier when it is not 1."""
+        corr = self.correlations(num_samples)
+        names = [act if m == 1.0 else f"{act}x{m:g}" for act, m in zip(self.activations, self.scale_multipliers)]
+        names = [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
+        index, start = [], 0
+        for group in self.groups:
+            index.append(list(range(start, start + len(group))))
+            start += len(group)
+        out: dict[str, float] = {}
+        for a, rows in enumerate(index):
+            if len(rows) > 1:
+                block = corr[rows][:, rows]
+                out[names[a]] = float((block.sum() - block.diagonal().sum()) / (len(rows) * (len(rows) - 1)))
+        for a in range(len(index)):
+            for b in range(a + 1, len(index)):
+                out[f"{names[a]}-{names[b]}"] = float(corr[index[a]][:, index[b]].mean())
+        return out
 
     def _raw_targets(self, inputs: Tensor) -> Tensor:
         """Unstandardised targets of all tasks, ``(T, n, output_dim)``."""

@@ -31,6 +31,38 @@ from stages.runner import load_pipeline_config, run_pipeline
 
 SEARCHES = ("ltb", "bmtas")
 LABELS = {"ltb": "LTB", "bmtas": "BMTAS"}
+PAPER_SETTINGS: dict[str, dict[str, Any]] = {
+    # LTB's figure 3: 15 tasks, 5 per activation, Z in R^200, T in R^100; "truth" merges activation groups
+    # into the grouping the paper's figure shows
+    "a": {"data": {"activations": ["bent", "square", "sinc"]}, "truth": [[0], [1], [2]]},
+    "b": {"data": {"activations": ["sin", "sin", "sin"], "scale_multipliers": [1.0, 2.0, 3.0]}, "truth": [[0, 1, 2]]},
+    "c": {"data": {"activations": ["cos", "sinc", "square"]}, "truth": [[0, 1], [2]]},
+}
+PAPER_SCALE = {"tasks_per_group": 5, "input_dim": 200, "output_dim": 100}
+
+
+def setting_overrides(setting: str | None, paper_net: bool) -> list[str]:
+    """``--set`` entries for one of the paper's settings (its scale) and for its network (bias-only task
+    layers, 3 child nodes per branching block)."""
+    out: list[str] = []
+    if setting is not None:
+        data = {**PAPER_SETTINGS[setting]["data"], **PAPER_SCALE}
+        out += [f"data.init_args.{k}={json.dumps(v)}" for k, v in data.items()]
+        out += ["data.init_args.scale_multipliers=null"] if "scale_multipliers" not in data else []
+        out += [f"backbone.init_args.input_dim={PAPER_SCALE['input_dim']}",
+                f"backbone.init_args.hidden={PAPER_SCALE['output_dim']}", "backbone.init_args.num_layers=4"]
+    if paper_net:
+        out += ["backbone.init_args.head=bias", "ltb.model.nodes_per_layer=3"]
+    return out
+
+
+def truth_labels(groups: list[list[str]], names: list[str], merge: list[list[int]] | None) -> list[int]:
+    """One label per task: its activation group's, or the merged group's that contains it (``merge``: lists of
+    activation-group indices)."""
+    group_of = [next(g for g, group in enumerate(groups) if name in group) for name in names]
+    if merge is None:
+        return group_of
+    return [next(m for m, block in enumerate(merge) if g in block) for g in group_of]
 
 
 def trainer(steps: int) -> dict[str, Any]:
@@ -54,12 +86,17 @@ def grouping_text(partition: tuple[tuple[int, ...], ...], names: list[str]) -> s
     return " ".join("{" + ",".join(names[t] for t in block) + "}" for block in partition)
 
 
-def score_tree(tree: Any, truth: list[int]) -> dict[str, Any]:
-    """The found tree's groupings, the deepest shared layer's and its adjusted Rand index against ``truth``."""
+def score_tree(tree: Any, truth: list[int], paper: list[int] | None = None) -> dict[str, Any]:
+    """The found tree's groupings, the deepest shared layer's and its adjusted Rand index against ``truth`` (the
+    activations) and against ``paper`` (the grouping the paper's figure shows, when given)."""
     layer, grouping = deepest_shared_grouping(tree)
-    return {"tree": tree.to_list(), "groupings": [list(map(list, g)) for g in tree_groupings(tree)],
+    labels = partition_labels(grouping, len(truth))
+    groupings = tree_groupings(tree)
+    return {"tree": tree.to_list(), "groupings": [list(map(list, g)) for g in groupings],
+            "groups_per_layer": [len(g) for g in groupings],
             "deepest_shared_layer": layer, "grouping": [list(b) for b in grouping],
-            "ari": adjusted_rand_index(truth, partition_labels(grouping, len(truth)))}
+            "ari": adjusted_rand_index(truth, labels),
+            "ari_paper": None if paper is None else adjusted_rand_index(paper, labels)}
 
 
 def render(results: list[dict[str, Any]], names: list[str], truth_groups: list[list[str]],
@@ -69,17 +106,22 @@ def render(results: list[dict[str, Any]], names: list[str], truth_groups: list[l
              f"{args.ltb_steps // 10}, temperature {args.ltb_temperature:g}, branching lr {args.ltb_branching_lr:g}), "
              f"BMTAS {args.bmtas_steps} steps (warm-up {args.bmtas_warmup}, resource weight {args.bmtas_lambda:g}, "
              f"architecture lr {args.bmtas_arch_lr:g}). Layers 0-based; the heads read the last.", "",
-             "| search | seed | deepest shared layer | its grouping | ARI |", "| --- | --- | --- | --- | --- |"]
+             "| search | seed | groups per layer | deepest shared layer | its grouping | ARI | ARI vs the paper's figure |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         layer = "-" if r["deepest_shared_layer"] is None else str(r["deepest_shared_layer"])
-        lines.append(f"| {LABELS[r['search']]} | {r['seed']} | {layer} | "
-                     f"{grouping_text(tuple(map(tuple, r['grouping'])), names)} | {r['ari']:.2f} |")
-    lines += ["", "| search | mean ARI | sd | seeds |", "| --- | --- | --- | --- |"]
+        paper = "-" if r.get("ari_paper") is None else f"{r['ari_paper']:.2f}"
+        lines.append(f"| {LABELS[r['search']]} | {r['seed']} | {'-'.join(map(str, r['groups_per_layer']))} | {layer} | "
+                     f"{grouping_text(tuple(map(tuple, r['grouping'])), names)} | {r['ari']:.2f} | {paper} |")
+    lines += ["", "| search | mean ARI | sd | mean ARI vs the paper's figure | seeds |", "| --- | --- | --- | --- | --- |"]
     for search in SEARCHES:
-        aris = [r["ari"] for r in results if r["search"] == search]
-        if aris:
+        rows = [r for r in results if r["search"] == search]
+        if rows:
+            aris = [r["ari"] for r in rows]
             sd = statistics.stdev(aris) if len(aris) > 1 else 0.0
-            lines.append(f"| {LABELS[search]} | {statistics.mean(aris):.2f} | {sd:.2f} | {len(aris)} |")
+            papers = [r["ari_paper"] for r in rows if r.get("ari_paper") is not None]
+            paper = f"{statistics.mean(papers):.2f}" if papers else "-"
+            lines.append(f"| {LABELS[search]} | {statistics.mean(aris):.2f} | {sd:.2f} | {paper} | {len(aris)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -101,8 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bmtas_warmup", type=int, default=200)
     parser.add_argument("--bmtas_lambda", type=float, default=0.2, help="BMTAS's resource weight")
     parser.add_argument("--bmtas_arch_lr", type=float, default=0.05)
+    parser.add_argument("--setting", choices=sorted(PAPER_SETTINGS), default=None,
+                        help="one of LTB's figure-3 settings at its scale (15 tasks, Z in R^200, T in R^100); "
+                             "scored also against the grouping its figure shows")
+    parser.add_argument("--paper_net", action="store_true",
+                        help="LTB's synthetic network: bias-only task layers, 3 child nodes per branching block")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides")
     args = parser.parse_args(argv)
+    args.overrides = setting_overrides(args.setting, args.paper_net) + list(args.overrides)
 
     sections = search_sections(args)
     base = [f"{name}={json.dumps(section)}" for name, section in sections.items()]
@@ -113,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     data = build_data(load_pipeline_config(args.config, list(args.overrides))["data"])  # the --set data too
     names = list(data.task_names)
     truth_groups = data.groups
-    truth = [next(g for g, group in enumerate(truth_groups) if name in group) for name in names]
+    truth = truth_labels(truth_groups, names, None)
+    paper = truth_labels(truth_groups, names, PAPER_SETTINGS[args.setting]["truth"]) if args.setting else None
     out = Path(args.out)
     results = []
     for seed in args.seeds:
@@ -122,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                                stages=tuple(args.searches))
         for search in args.searches:
             tree = found_architecture(RunLayout(run_dir).final(search))
-            results.append({"search": search, "seed": seed, **score_tree(tree, truth)})
+            results.append({"search": search, "seed": seed, **score_tree(tree, truth, paper)})
             print(f"[grouping_ari] {search} seed {seed}: tree {tree}, ARI {results[-1]['ari']:.3f}", flush=True)
     table = render(results, names, truth_groups, args)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +101,22 @@ class LinearHead(nn.Module):
         return self.linear(path[-1])
 
 
+class BiasHead(nn.Module):
+    """The deepest feature of the path plus a learned bias: Learning to Branch's "simple bias terms for
+    task-specific layers" (its synthetic experiment), so tasks that share the last node share their outputs up to
+    a constant."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(features))
+
+    def forward(self, path: Path) -> Tensor:
+        return path[-1] + self.bias
+
+
+HEADS = ("linear", "bias")
+
+
 class MLPBackbone(Backbone):
     """Fully connected blocks (Linear-BN-ReLU), as in Learning to Branch's synthetic experiment.
 
@@ -107,14 +124,22 @@ class MLPBackbone(Backbone):
         input_dim: input features.
         hidden: units per block.
         num_layers: L.
+        head: ``"linear"`` (a linear layer per task) or ``"bias"`` (the paper's synthetic experiment: the last
+            block's units are the outputs, without its ReLU, and each task adds a bias; needs ``hidden`` equal to
+            the tasks' output size).
     """
 
-    def __init__(self, input_dim: int = 64, hidden: int = 100, num_layers: int = 4) -> None:
+    def __init__(self, input_dim: int = 64, hidden: int = 100, num_layers: int = 4,
+                 head: Literal["linear", "bias"] = "linear") -> None:
         if min(input_dim, hidden, num_layers) < 1:
             raise ValueError(f"input_dim, hidden and num_layers must be >= 1, got {input_dim}, {hidden}, "
                              f"{num_layers}")
-        self.input_dim, self.hidden, self.num_layers = input_dim, hidden, num_layers
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {list(HEADS)}, got {head!r}")
+        self.input_dim, self.hidden, self.num_layers, self.head = input_dim, hidden, num_layers, head
         self.init_args = {"input_dim": input_dim, "hidden": hidden, "num_layers": num_layers}
+        if head != "linear":  # configs written before the option keep their exact form
+            self.init_args["head"] = head
 
     @property
     def num_blocks(self) -> int:
@@ -122,8 +147,16 @@ class MLPBackbone(Backbone):
 
     def make_blocks(self) -> list[nn.Module]:
         dims = [self.input_dim] + [self.hidden] * self.num_layers
-        return [nn.Sequential(nn.Linear(a, b, bias=False), nn.BatchNorm1d(b), nn.ReLU(inplace=True))
-                for a, b in zip(dims[:-1], dims[1:])]
+        blocks = [nn.Sequential(nn.Linear(a, b, bias=False), nn.BatchNorm1d(b), nn.ReLU(inplace=True))
+                  for a, b in zip(dims[:-1], dims[1:])]
+        if self.head == "bias":
+            blocks[-1] = blocks[-1][:2]  # the outputs themselves: no ReLU
+        return blocks
 
     def make_head(self, task: Task) -> nn.Module:
+        if self.head == "bias":
+            if task.out_channels != self.hidden:
+                raise ValueError(f"head='bias' makes the last block's {self.hidden} units task {task.name!r}'s "
+                                 f"outputs, but it has {task.out_channels}: set hidden={task.out_channels}")
+            return BiasHead(self.hidden)
         return LinearHead(self.hidden, task.out_channels)

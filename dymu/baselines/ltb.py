@@ -114,17 +114,39 @@ class TreeSearchNet(BaselineModel):
 
 class LearnToBranchNet(TreeSearchNet):
     """Learning to Branch's supergraph: ``logits[k, j, i]`` is ``log theta`` of child ``j`` of layer ``k + 1``
-    picking parent ``i`` of block layer ``k`` (row ``L - 1``: the heads' parents)."""
+    picking parent ``i`` of block layer ``k`` (row ``L - 1``: the heads' parents).
+
+    Args:
+        backbone, tasks, input_shape: see ``BaselineModel``.
+        nodes_per_layer: K, the child nodes of each branching block (the paper's synthetic experiment: 3 for 15
+            tasks); default N, one per task. Every child picks its parent among the first K nodes of the layer
+            below, so only K nodes per layer can be used and tasks must share them; the other logits are masked.
+    """
 
     kind = "ltb"
 
+    def __init__(self, backbone: Backbone, tasks: Sequence[Task], input_shape: Sequence[int] | None = None,
+                 nodes_per_layer: int | None = None) -> None:
+        super().__init__(backbone, tasks, input_shape)
+        n = self.anchor.n_tasks
+        k = n if nodes_per_layer is None else int(nodes_per_layer)
+        if not 1 <= k <= n:
+            raise ValueError(f"nodes_per_layer must be between 1 and the number of tasks ({n}), got {nodes_per_layer}")
+        self.nodes_per_layer = k
+        mask = torch.zeros_like(self.logits)
+        mask[..., k:] = float("-inf")  # parents beyond the block's K children
+        self.register_buffer("parent_mask", mask, persistent=False)
+
+    def masked_logits(self) -> Tensor:
+        return self.logits + self.parent_mask
+
     def architecture(self) -> Architecture:
         """The noise-free argmax of every child's distribution (the paper's Eq. 7)."""
-        return Architecture.from_logits(self.logits.detach())
+        return Architecture.from_logits(self.masked_logits().detach())
 
     def branching_probabilities(self) -> Tensor:
         """``theta``: ``(L, N, N)``, each child's distribution over its parents."""
-        return self.logits.softmax(dim=-1)
+        return self.masked_logits().softmax(dim=-1)
 
     def search_forward(self, x: Tensor, temperature: float, noise: Tensor | None = None) -> dict[str, Tensor]:
         """Task outputs of one sampled tree: discrete in the forward pass, Gumbel-softmax gradient to the logits.
@@ -134,5 +156,5 @@ class LearnToBranchNet(TreeSearchNet):
             temperature: Gumbel-softmax temperature.
             noise: standard Gumbel noise shaped like the logits (tests); default: drawn.
         """
-        hard, _ = gumbel_samples(self.logits, temperature, noise=noise)
+        hard, _ = gumbel_samples(self.masked_logits(), temperature, noise=noise)
         return self.anchor(x, samples=hard)
