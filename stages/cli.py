@@ -115,7 +115,7 @@ def _guarded(command: str, call) -> int:  # noqa: ANN001
         if os.environ.get("DYMU_TRACEBACK"):
             raise
         print(f"dymu {command}: error: {error_message(err)}", file=sys.stderr)
-        return 1
+        return int(getattr(err, "exit_code", 1))  # a stage stopped by Ctrl-C or SIGTERM: 130 or 143
 
 
 def error_message(err: BaseException) -> str:

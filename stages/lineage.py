@@ -160,18 +160,21 @@ def lineage_from_environment() -> dict[str, Any] | None:
 # --- the computed affinity ------------------------------------------------------------------------------------
 
 def affinity_lineage(layout: RunLayout) -> Lineage:
-    return Lineage("affinity", "", {"anchor_checkpoint": file_hash(layout.final("anchor"))})
+    """The affinity's record: the anchor it was computed from, and its own file's hash (``config``), so that an
+    affinity file cut short or edited since is computed again too."""
+    return Lineage("affinity", file_hash(layout.affinity), {"anchor_checkpoint": file_hash(layout.final("anchor"))})
 
 
 def affinity_current(layout: RunLayout) -> bool:
-    """Whether the run's affinity exists and was computed from its present anchor."""
+    """Whether the run's affinity exists, is the file that was written, and was computed from the present
+    anchor."""
     if not layout.affinity.is_file() or not layout.affinity_lineage.is_file() or not layout.final("anchor").is_file():
         return False
     try:
         recorded = Lineage.from_dict(json.loads(layout.affinity_lineage.read_text()))
     except (ValueError, OSError):
         return False
-    return recorded is not None and affinity_lineage(layout).difference(recorded) is None
+    return recorded is not None and recorded.to_dict() == affinity_lineage(layout).to_dict()
 
 
 def record_affinity_lineage(layout: RunLayout) -> None:

@@ -49,6 +49,16 @@ GPU_ACCELERATORS = ("gpu", "cuda")
 class StageFailed(RuntimeError):
     """A stage's subprocess exited with an error or was stopped."""
 
+    exit_code = 1
+
+
+class StageStopped(StageFailed):
+    """A stage was stopped by a signal (Ctrl-C: exit code 130, SIGTERM: 143, as a shell reports them)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
 
 def known_keys() -> list[str]:
     return [*PIPELINE_KEYS, *STAGES]
@@ -124,6 +134,9 @@ def check_accelerator(stage: str, config: dict[str, Any]) -> None:
 
     accelerator = str((config.get("trainer") or {}).get("accelerator", "auto")).lower()
     if accelerator in GPU_ACCELERATORS and not torch.cuda.is_available():
+        if stage == "evaluate":
+            raise ValueError(f"the evaluation asks for device '{accelerator}' but this machine has no CUDA GPU; run "
+                             "it on CPU with --set evaluate.device=cpu")
         raise ValueError(f"the {stage} stage asks for accelerator '{accelerator}' but this machine has no CUDA GPU; "
                          f"run it on CPU with --set {stage}.trainer.accelerator=cpu (and --set "
                          f"{stage}.trainer.devices=1 if it asks for several)")
@@ -171,6 +184,9 @@ def check_before_training(config: dict[str, Any], run_dir: Path, stages: list[St
     build_data(config["data"]).check_data()  # the data set first: it is what a new user most often lacks
     for folder, stage in configs.items():
         check_accelerator(folder.split("/")[0], stage)
+    evaluate = config.get("evaluate") or {}
+    if "device" in evaluate:  # the evaluation's device too, before the stages train
+        check_accelerator("evaluate", {"trainer": {"accelerator": str(evaluate["device"]).split(":")[0]}})
     return configs
 
 
@@ -275,10 +291,12 @@ def run_stage(stage: str, config: dict[str, Any], run_dir: str | Path, folder: s
            LINEAGE_ENV: json.dumps(expected.to_dict())}
     code = run_forwarding_sigterm(command, env)
     if code != 0:
-        stopped = code in (-signal.SIGTERM, 128 + signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGINT)
-        raise StageFailed(f"stage {stage} {'was stopped' if stopped else 'failed'} (exit code {code}); "
-                          f"{'fix the cause and ' if not stopped else ''}rerun the same command: it resumes "
-                          f"from the newest checkpoint in {layout.checkpoints_dir(stage)}")
+        signum = -code if code < 0 else code - 128
+        stopped = signum in (signal.SIGTERM, signal.SIGINT)
+        message = (f"stage {stage} {'was stopped' if stopped else 'failed'} (exit code {code}); "
+                   f"{'fix the cause and ' if not stopped else ''}rerun the same command: it resumes from the "
+                   f"newest checkpoint in {layout.checkpoints_dir(stage)}")
+        raise StageStopped(message, signum) if stopped else StageFailed(message)
     if not final.is_file():
         raise StageFailed(f"stage {stage} ended without writing {final} (was it interrupted?); rerun to resume")
 
@@ -302,7 +320,7 @@ def run_forwarding_sigterm(command: list[str], env: dict[str, str]) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if received:
-        code = 128 + signal.SIGTERM  # however the stage ended while stopping, report the stop
+        code = 128 + received[0]  # however the stage ended while stopping, report the stop and its signal
     return code
 
 
@@ -341,7 +359,12 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
             if not isinstance(child, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section (it holds {child!r})")
             node = child
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"override {item!r}: its value is not valid YAML ({problem}); quote it, e.g. "
+                             f"--set '{key}=\"{raw}\"'") from None
     return config
 
 
@@ -413,8 +436,8 @@ def run_pipeline(config_path: str | Path, run_dir: str | Path | None = None, eva
                     run_stage(spec.name, configs[folder], layout.root, folder)
             elif not spec.finished(layout):
                 if layout.affinity.is_file() and spec.name == "affinity":
-                    print("[dymu run] affinity: the anchor has changed since it was computed (or it has no record "
-                          "of its anchor): computing it again")
+                    print("[dymu run] affinity: the anchor or the file has changed since it was computed (or it has "
+                          "no record of them): computing it again")
                 spec.compute_function()(config, layout)
                 if spec.name == "affinity":
                     record_affinity_lineage(layout)

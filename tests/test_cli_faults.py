@@ -91,7 +91,7 @@ def test_malformed_sweep_yaml_names_the_file_line_and_column(tmp_path, capsys):
 def test_malformed_set_value_is_named_as_a_value(tmp_path, capsys):
     cfg = write(tiny_config(), tmp_path / "pipeline.yaml")
     err = one_line(capsys, entry_point(["run", "--config", str(cfg), "--set", "anchor.trainer=[1, 2"]))
-    assert "a YAML value (e.g. of --set KEY=VALUE)" in err and "quote or fix the value" in err, err
+    assert "override 'anchor.trainer=[1, 2'" in err and "not valid YAML" in err and "quote it" in err, err
 
 
 @pytest.mark.parametrize("kind, named", [("folder", "is a directory"), ("binary", "is not a text file")])
@@ -251,7 +251,10 @@ def test_a_bad_affinity_file_is_named_with_the_fix(tmp_path, content, problem):
     assert "`dymu run`" in message and "\n" not in message
 
 
-def test_an_affinity_cut_short_stops_the_edge_stage_and_a_rerun_recomputes_it(edge_run, tmp_path, capfd):
+def test_an_affinity_cut_short_is_computed_again_by_the_next_run(edge_run, tmp_path, capfd):
+    """The affinity's record holds the file's own hash: a file cut short or edited since it was written is not
+    the run's affinity, so `dymu run` computes it again (a stage run by hand on it gets the one-line error
+    of ``load_affinity``, tested above)."""
     run_dir, cfg, _ = edge_run
     layout = RunLayout(tmp_path / "run")
     shutil.copytree(run_dir, layout.root)
@@ -259,16 +262,9 @@ def test_an_affinity_cut_short_stops_the_edge_stage_and_a_rerun_recomputes_it(ed
     layout.affinity.write_text(layout.affinity.read_text()[:40])
     argv = ["run", "--config", str(cfg), "--run_dir", str(layout.root), "--stages", "edge"]
     capfd.readouterr()
-    assert entry_point(argv) == 1
-    err = capfd.readouterr().err
-    assert "Traceback" not in err, err
-    stage_line = [line for line in err.splitlines() if line.startswith("dymu edge: error")]
-    assert len(stage_line) == 1 and str(layout.affinity) in stage_line[0], err
-    assert "cut short" in stage_line[0] and f"delete {layout.affinity}" in stage_line[0], err
-    # what the line says to do: delete the file; the runner computes it again
-    layout.affinity.unlink()
-    assert entry_point(["run", "--config", str(cfg), "--run_dir", str(layout.root), "--stages", "affinity"]) == 0
-    assert "computing RSA task affinity" in capfd.readouterr().out
+    assert entry_point(argv) == 0
+    out = capfd.readouterr().out
+    assert "computing it again" in out and "computing RSA task affinity" in out, out
     load_affinity(layout.affinity, ["semseg", "depth", "normals"])
 
 

@@ -58,6 +58,7 @@ def test_checkpoints_record_their_stage_config_and_parents(tiny_run):
         assert record["parents"] == {name: file_hash(path) for name, path in parents.items()}
     affinity = json.loads(layout.affinity_lineage.read_text())
     assert affinity["parents"] == {"anchor_checkpoint": file_hash(layout.final("anchor"))}
+    assert affinity["config"] == file_hash(layout.affinity)  # the file's own hash: one cut short is redone
     scored = json.loads(layout.metrics.read_text())["scored"]
     assert scored["checkpoint"] == "${run_dir}/weight/final.ckpt"
     assert scored["sha256"] == file_hash(layout.final("weight"))
@@ -264,7 +265,7 @@ def test_ctrl_c_saves_the_stage_and_prints_one_line(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 1, out
+    assert proc.returncode == 130, out  # as a shell reports Ctrl-C
     assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
     errors = [line for line in out.splitlines() if line.startswith("dymu run: error")]
     assert len(errors) == 1 and "was stopped" in errors[0] and "rerun the same command" in errors[0], out

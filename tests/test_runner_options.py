@@ -89,7 +89,7 @@ def test_paper_baseline_sections_pass_the_check_before_training(path: Path, tmp_
     configs = check_before_training(config, tmp_path / "run", order(present))
     static = [folder for folder, _ in STAGES["static"].instances(config)]
     assert sorted(configs) == sorted(["anchor", *(s for s in present if s != "static"), *static])
-    assert len(static) == 20 and asked == dict.fromkeys(["anchor", *present], "gpu")
+    assert len(static) == 20 and asked == {**dict.fromkeys(["anchor", *present], "gpu"), "evaluate": "cuda"}
     for folder, stage_cfg in configs.items():
         trainer = stage_cfg["trainer"]
         assert trainer["precision"] == config["anchor"]["trainer"]["precision"] == "bf16-mixed", folder
