@@ -1,7 +1,8 @@
 """``dymu evaluate --run_dir D``: the evaluation protocol (docs/method.md, "Evaluation protocol") on a finished run.
 
-Writes ``<run_dir>/evaluation/metrics.json`` (one record per method, adaptation and c, with the
-per-preference loss vectors and trees), ``report.md`` and its figures (``stages.plots``): resource usage over
+Writes ``<run_dir>/evaluation/metrics.json`` (``stages.results.EvaluationResult``: one record per method,
+adaptation and c, with the per-preference loss vectors and trees; the inference cost per group of preferences
+and c; its ``schema_version``), ``report.md`` and its figures (``stages.plots``): resource usage over
 the task simplex and marginal controllability. The test set is streamed once through every evaluated
 configuration in a Lightning test loop (``lightning_modules.evaluation``), on the CPU or GPUs, DDP-aware.
 """
@@ -12,14 +13,28 @@ import argparse
 import json
 import typing
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from dymu.layout import RunLayout
-from stages.common import build_data, read_json, read_yaml
+from stages.common import build_data, read_yaml
 from stages.lineage import run_lock, scored_record
+from stages.results import (
+    CompareKind,
+    CompareRow,
+    ComparisonResult,
+    CostGroup,
+    CostSummary,
+    EvaluationRecord,
+    EvaluationResult,
+    Method,
+    cost_label,
+    method_label,
+    with_ratios,
+)
 
 if typing.TYPE_CHECKING:  # torch, Lightning and the model are imported where used: `dymu evaluate --help` is fast
     import torch
@@ -92,27 +107,13 @@ def check_run(run_dir: str | Path) -> Path:
 
 
 def with_hypervolume_ratios(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Copies of ``records`` with ``hypervolume_ratio``: the hypervolume over the single-task anchor's at the
-    same ``c`` (the anchor's own record gets 1), placed after ``hypervolume_method``.
+    """The JSON form of ``stages.results.with_ratios``: copies of the records (``EvaluationRecord.to_json``
+    dicts) with ``hypervolume_ratio``, the hypervolume over the single-task anchor's at the same ``c`` (the
+    anchor's own record gets 1), placed after ``hypervolume_method``.
 
     The ratio is None where no anchor record has that ``c`` or the anchor's hypervolume is 0.
     """
-    from dymu.evaluation import ANCHOR
-
-    anchor_hv = {rec["c"]: rec["hypervolume"] for rec in records if rec["method"] == ANCHOR.method}
-    out = []
-    for rec in records:
-        base = anchor_hv.get(rec["c"])
-        ratio = rec["hypervolume"] / base if base else None
-        new: dict[str, Any] = {}
-        for key, value in rec.items():
-            if key != "hypervolume_ratio":
-                new[key] = value
-            if key == "hypervolume_method":
-                new["hypervolume_ratio"] = ratio
-        new.setdefault("hypervolume_ratio", ratio)
-        out.append(new)
-    return out
+    return [rec.to_json() for rec in with_ratios([EvaluationRecord.from_json(r) for r in records])]
 
 
 def trainer_device(device: str, devices: int) -> dict[str, Any]:
@@ -177,12 +178,12 @@ def controller_record(layout: RunLayout) -> dict[str, Any] | None:
     return load_checkpoint(path)[META_KEY].get("calibration") if path.is_file() else None
 
 
-def compare_rows(layout: RunLayout) -> list[dict[str, Any]]:
+def compare_rows(layout: RunLayout) -> list[CompareRow]:
     """The baselines of ``dymu compare`` (their hypervolume ratio and parameters) when the run has them."""
     if not layout.compare_metrics.is_file():
         return []
-    rows = read_json(layout.compare_metrics, "delete it (or rerun `dymu compare`) and evaluate again").get("rows", [])
-    return [r for r in rows if not str(r.get("method", "")).startswith("ours") and r.get("hv_ratio") is not None]
+    rows = ComparisonResult.read(layout.compare_metrics, "delete it (or rerun `dymu compare`) and evaluate again").rows
+    return [r for r in rows if r.kind is not CompareKind.OURS and r.hv_ratio is not None]
 
 
 def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_preferences: int = 1000,
@@ -213,8 +214,8 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
             and ``cost_accuracy.png``: hypervolume against cost.
 
     Returns:
-        The result written to ``metrics.json`` (on the main process; other DDP processes get ``{}`` and write
-        nothing).
+        The result written to ``metrics.json``, ``stages.results.EvaluationResult.to_json()`` (on the main
+        process; other DDP processes get ``{}`` and write nothing).
     """
     options = {k: v for k, v in locals().items() if k != "run_dir"}
     from dymu.evaluation import (
@@ -240,6 +241,7 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
     scored = scored_record(checkpoint, layout.root.resolve(), evaluation_options(options))
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be at least 1 (or omitted for the whole test split), got {max_batches}")
+    baselines = compare_rows(layout)  # a malformed or newer compare/metrics.json fails before the test loop
     model = DynamicMultiTaskModel.from_checkpoint(checkpoint)
     data_config = run_data_config(run_dir)
     n = model.n_tasks
@@ -269,88 +271,91 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
     ref_source = "configured"
     if reference_point is None:
         reference_point, ref_source = [2.0 * v for v in anchor_losses], "2 x single-task anchor losses"
-    records: list[dict[str, Any]] = []
-    budget_records: list[dict[str, Any]] = []
+    records: list[EvaluationRecord] = []
+    budget_records: list[EvaluationRecord] = []
     for (c, variant, budget), items in evaluated.items():
         recs = preference_records(model, items, losses)
-        record = {"method": variant.method, "adaptation": variant.adaptation, "c": c,
-                  **front_summary(recs, reference_point), "preferences": recs}
+        record = EvaluationRecord.from_summary(Method.of(variant), variant.adaptation, c,
+                                               front_summary(recs, reference_point), recs)
         if budget is None:
             records.append(record)
         else:
             anchor = model.node_costs().cost(anchor_arch)[budget_metric]
             fractions = [r[budget_metric] / anchor for r in recs]
-            budget_records.append({"budget": budget, "budget_metric": budget_metric, **record,
-                                   "max_fraction": max(fractions), "mean_fraction": float(np.mean(fractions)),
-                                   "within_budget": all(f <= budget + 1e-9 for f in fractions)})
-    anchor_records = [r for r in records if r["method"] == ANCHOR.method]
-    budget_records = with_hypervolume_ratios(anchor_records + budget_records)[len(anchor_records):]
+            budget_records.append(replace(record, budget=budget, budget_metric=budget_metric,
+                                          max_fraction=max(fractions), mean_fraction=float(np.mean(fractions)),
+                                          within_budget=all(f <= budget + 1e-9 for f in fractions)))
+    anchor_records = [r for r in records if r.method is Method.ANCHOR]
+    budget_records = with_ratios(anchor_records + budget_records)[len(anchor_records):]
 
     anchor_cost = model.node_costs().cost(anchor_arch)
     cost_prefs = cost_preferences(n, num_cost_preferences, seed=seed)
     max_r = np.array([max(p.r) for p in cost_prefs])
-    groups = {"": cost_prefs, "focused (max r >= 0.9)": [p for p, m in zip(cost_prefs, max_r) if m >= 0.9],
-              f"near-uniform (max r <= {1.5 / n:.2f})": [p for p, m in zip(cost_prefs, max_r) if m <= 1.5 / n]}
-    costs: dict[str, dict[str, Any] | None] = {"all": cost_summary(model, cost_prefs)}
-    for label, group in groups.items():
+    costs = [CostSummary.of(CostGroup.ALL, None, cost_summary(model, cost_prefs))]
+    for group in CostGroup:
+        members = [p for p, m in zip(cost_prefs, max_r) if group.holds(m, n)]
         for c in (0.0, 1.0):
-            name = f"{label}, c={c:g}" if label else f"c={c:g}"
-            costs[name] = cost_summary(model, [Preference(p.r, c) for p in group]) if group else None
-    result = {
-        "tasks": model.tasks,
-        "reference_point": list(reference_point),
-        "reference_point_source": ref_source,
-        "num_test_samples": num_samples,
-        "anchor": {"params": anchor_cost["params"], "gflops": anchor_cost["flops"] / 1e9,
-                   "losses": anchor_losses},
-        "control_params": model.control_parameters(),
-        "inference_cost": costs,
-        "controllability": controllability_grid(model),
-        "records": with_hypervolume_ratios(records),
-        "budget_records": budget_records,
-        "controller": controller_record(layout),
-        "scored": scored,
-    }
+            costs.append(CostSummary.of(group, c, cost_summary(model, [Preference(p.r, c) for p in members])
+                                        if members else None))
+    # the grid's rows: the uniform preference, then each task focused on (dymu.evaluation.controllability_grid)
+    controllability = [{**row, "focus": focus} for row, focus in zip(controllability_grid(model), [None, *model.tasks])]
+    result = EvaluationResult(
+        tasks=tuple(model.tasks),
+        reference_point=tuple(reference_point),
+        reference_point_source=ref_source,
+        num_test_samples=num_samples,
+        anchor={"params": anchor_cost["params"], "gflops": anchor_cost["flops"] / 1e9, "losses": anchor_losses},
+        control_params=model.control_parameters(),
+        inference_cost=tuple(costs),
+        controllability=tuple(controllability),
+        records=tuple(with_ratios(records)),
+        budget_records=tuple(budget_records),
+        controller=controller_record(layout),
+        scored=scored,
+    )
     layout.evaluation_dir.mkdir(parents=True, exist_ok=True)
-    result["plots"] = write_plots(model, result, layout.evaluation_dir, compare_rows(layout))
-    layout.metrics.write_text(json.dumps(result, indent=1))
+    result = replace(result, plots=write_plots(model, result, layout.evaluation_dir, baselines))
+    layout.metrics.write_text(json.dumps(result.to_json(), indent=1))
     layout.report.write_text(render_report(result))
     print(render_report(result))
-    return result
+    return result.to_json()
 
 
-def render_report(result: dict[str, Any]) -> str:
-    """The human-readable report of ``evaluate_run``'s result."""
-    anchor = result["anchor"]
+def render_report(result: EvaluationResult | dict[str, Any]) -> str:
+    """The human-readable report of ``evaluate_run``'s result (typed, or its JSON)."""
+    if not isinstance(result, EvaluationResult):
+        result = EvaluationResult.from_json(result)
+    anchor = result.anchor
     lines = [
         "# dymu evaluation", "",
-        f"Tasks: {', '.join(result['tasks'])}. Test samples: {result['num_test_samples']}. Loss vectors are the "
+        f"Tasks: {', '.join(result.tasks)}. Test samples: {result.num_test_samples}. Loss vectors are the "
         "scaled test losses `w_t * L_t` (lower is better).",
-        f"Hypervolume reference point: {[round(v, 4) for v in result['reference_point']]} "
-        f"({result['reference_point_source']}).", "",
-        f"## Controlled trade-offs ({len(result['records'][0]['preferences'])} preferences r ~ Dirichlet(1) per c)",
+        f"Hypervolume reference point: {[round(v, 4) for v in result.reference_point]} "
+        f"({result.reference_point_source}).", "",
+        f"## Controlled trade-offs ({len(result.records[0].preferences)} preferences r ~ Dirichlet(1) per c)",
         "", "HV / anchor's: the hypervolume over the single-task anchor's at the same c.", "",
         "| method | BN adaptation | c | hypervolume | HV / anchor's | uniformity | mean params | mean GFLOPs |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for rec in result["records"]:
-        ratio = rec.get("hypervolume_ratio")
-        lines.append(f"| {rec['method']} | {'yes' if rec['adaptation'] else 'no'} | {rec['c']:g} | "
-                     f"{rec['hypervolume']:.4g} ({rec['hypervolume_method']}) | "
-                     f"{'-' if ratio is None else f'{ratio:.3f}'} | {rec['uniformity']:.4f} | "
-                     f"{rec['mean_params']:,.0f} | {rec['mean_gflops']:.4f} |")
+    for rec in result.records:
+        ratio = rec.hypervolume_ratio
+        lines.append(f"| {method_label(rec.method)} | {'yes' if rec.adaptation else 'no'} | {rec.c:g} | "
+                     f"{rec.hypervolume:.4g} ({rec.hypervolume_method}) | "
+                     f"{'-' if ratio is None else f'{ratio:.3f}'} | {rec.uniformity:.4f} | "
+                     f"{rec.mean_params:,.0f} | {rec.mean_gflops:.4f} |")
     lines += ["", "## Inference cost of the pruned model", "",
               f"Anchor (N single-task networks): {anchor['params']:,} parameters, {anchor['gflops']:.4f} GFLOPs "
               f"(batch 1, torch.utils.flop_counter). Control parameters (hypernets): "
-              f"{result['control_params']:,}.", "",
+              f"{result.control_params:,}.", "",
               "| preferences | count | mean params | fraction of anchor | mean GFLOPs |", "| --- | --- | --- | --- | --- |"]
-    for name, summary in result["inference_cost"].items():
-        if summary is None:
+    for summary in result.inference_cost:
+        name = cost_label(summary, len(result.tasks))
+        if summary.count == 0:
             lines.append(f"| {name} | 0 | - | - | - |")
             continue
-        lines.append(f"| {name} | {summary['count']} | {summary['mean_params']:,.0f} | "
-                     f"{summary['mean_params'] / anchor['params']:.3f} | {summary['mean_gflops']:.4f} |")
-    grid = result["controllability"]
+        lines.append(f"| {name} | {summary.count} | {summary.mean_params:,.0f} | "
+                     f"{summary.mean_params / anchor['params']:.3f} | {summary.mean_gflops:.4f} |")
+    grid = result.controllability
     cs = list(grid[0]["params"])
     lines += ["", "## Parameters by preference and c", "",
               "| preference | " + " | ".join(f"c={c}" for c in cs) + " |",
@@ -360,20 +365,20 @@ def render_report(result: dict[str, Any]) -> str:
             f"{row['params'][c]:,} (`{row['architecture'][c].replace(' | ', ' / ')}`)" for c in cs) + " |")
     lines += ["", "Trees are written `parents of layer 1 / ... / parents of the heads`, one stream index per "
               "task.", ""]
-    if result.get("budget_records"):
-        metric = result["budget_records"][0]["budget_metric"]
+    if result.budget_records:
+        metric = result.budget_records[0].budget_metric
         lines += ["## Budgets", "",
                   f"The evaluation preferences' trees at c = 0 within a budget B (a fraction of the anchor's {metric}).",
                   "", f"| budget B | BN adaptation | HV / anchor's | uniformity | mean {metric} / anchor's | "
                   "largest / anchor's | all within B |", "| --- | --- | --- | --- | --- | --- | --- |"]
-        for rec in result["budget_records"]:
-            ratio = rec.get("hypervolume_ratio")
-            lines.append(f"| {rec['budget']:g} | {'yes' if rec['adaptation'] else 'no'} | "
-                         f"{'-' if ratio is None else f'{ratio:.3f}'} | {rec['uniformity']:.4f} | "
-                         f"{rec['mean_fraction']:.3f} | {rec['max_fraction']:.3f} | "
-                         f"{'yes' if rec['within_budget'] else 'NO'} |")
+        for rec in result.budget_records:
+            ratio = rec.hypervolume_ratio
+            lines.append(f"| {rec.budget:g} | {'yes' if rec.adaptation else 'no'} | "
+                         f"{'-' if ratio is None else f'{ratio:.3f}'} | {rec.uniformity:.4f} | "
+                         f"{rec.mean_fraction:.3f} | {rec.max_fraction:.3f} | "
+                         f"{'yes' if rec.within_budget else 'NO'} |")
         lines.append("")
-    calibration = result.get("controller")
+    calibration = result.controller
     if calibration:
         quartiles = ", ".join(f"{v:.2f}" for v in calibration["break_even_c_quartiles"])
         uniform = ", ".join(f"{v:.2f}" for v in calibration["uniform_break_even_c"]) or "none"
@@ -382,7 +387,7 @@ def render_report(result: dict[str, Any]) -> str:
                   f"base frugality gamma = {calibration['base_frugality']:g}, cost = {calibration['cost_metric']}. "
                   f"Over {calibration['preferences']} calibration preferences, the {calibration['steps']} sharing "
                   f"steps break even at c = {quartiles} (quartiles); the uniform preference's at c = {uniform}.", ""]
-    plots = result.get("plots") or {}
+    plots = result.plots or {}
     captions = {
         "resource_usage": "used-parameter fraction of the pruned model (of the anchor's) over the task simplex, "
                           "one panel per c (the paper's figure 5)",

@@ -1,9 +1,11 @@
 """The figures of ``dymu evaluate``: resource usage over the task simplex (the paper's figure 5) and marginal
 controllability of each task's loss by its own preference (the paper's figure 7).
 
-Every plotting function takes the model or ``evaluate_run``'s result dict and an output path, writes one PNG
-and returns its path. The numbers they draw come from functions of their own (:func:`simplex_usage`,
-:func:`edge_usage`, :func:`marginal_series`) so that they can be checked without reading images.
+Every plotting function takes the model or ``evaluate_run``'s result (``stages.results.EvaluationResult`` or its
+JSON dict) and an output path, writes one PNG and returns its path. Records are found by their typed fields
+(``Method``, ``adaptation``, ``c``); the labels drawn come from ``stages.results``' renderers. The numbers they
+draw come from functions of their own (:func:`simplex_usage`, :func:`edge_usage`, :func:`marginal_series`) so
+that they can be checked without reading images.
 """
 
 from __future__ import annotations
@@ -26,6 +28,15 @@ from dymu.controller import enumerable
 from dymu.model import DynamicMultiTaskModel
 from dymu.preference import Preference
 from dymu.search_space import Architecture
+from stages.results import (
+    CompareRow,
+    EvaluationRecord,
+    EvaluationResult,
+    Method,
+    compare_label,
+    method_label,
+    parse_all,
+)
 
 PLOT_FILES = {"resource_usage": "resource_usage.png", "marginal_controllability": "marginal_controllability.png",
               "trees": "trees.png", "cost_accuracy": "cost_accuracy.png"}
@@ -192,38 +203,53 @@ def plot_resource_usage(model: DynamicMultiTaskModel, path: str | Path, cs: Sequ
     return path
 
 
-def marginal_series(result: dict[str, Any], cs: Sequence[float] = (0.0, 1.0)) -> list[dict[str, Any]]:
+Result = EvaluationResult | dict[str, Any]
+"""``evaluate_run``'s result, typed or its JSON dict."""
+
+
+def result_part(result: Result, key: str) -> Any:
+    """An entry of ``result`` by its JSON key (None where a JSON dict lacks it)."""
+    return getattr(result, key) if isinstance(result, EvaluationResult) else result.get(key)
+
+
+def result_records(result: Result, key: str = "records") -> list[EvaluationRecord]:
+    """The typed records (``records`` or ``budget_records``) of ``result``."""
+    return parse_all(result_part(result, key) or (), EvaluationRecord.from_json)
+
+
+def marginal_series(result: Result, cs: Sequence[float] = (0.0, 1.0)) -> list[dict[str, Any]]:
     """Per task: its scaled test loss against its own preference ``r_t``, from ``evaluate_run``'s records.
 
     Args:
         result: ``evaluate_run``'s result (``tasks``, ``records``; the anchor's scaled losses are taken from
-            ``result["anchor"]["losses"]``, else from the ``"single-task anchor"`` records).
+            ``result["anchor"]["losses"]``, else from the ``Method.ANCHOR`` records).
         cs: the budgets drawn.
 
     Returns:
         One dict per task: ``task``, ``anchor`` (its loss, or None) and ``series``, a list of dicts with
         ``c``, ``adaptation``, ``label``, ``r`` and ``loss`` (lists sorted by ``r``).
     """
-    tasks = list(result["tasks"])
-    anchor = (result.get("anchor") or {}).get("losses")
+    tasks = list(result_part(result, "tasks"))
+    all_records = result_records(result)
+    anchor = (result_part(result, "anchor") or {}).get("losses")
     if anchor is None:
-        anchor_recs = [r for r in result["records"] if r["method"] == "single-task anchor" and r["preferences"]]
-        anchor = anchor_recs[0]["preferences"][0]["losses"] if anchor_recs else None
-    records = [rec for rec in result["records"] if rec["method"] == "dymu" and rec["c"] in cs]
-    records.sort(key=lambda rec: (rec["c"], rec["adaptation"]))
+        anchor_recs = [r for r in all_records if r.method is Method.ANCHOR and r.preferences]
+        anchor = anchor_recs[0].preferences[0]["losses"] if anchor_recs else None
+    records = [rec for rec in all_records if rec.method is Method.DYMU and rec.c in cs]
+    records.sort(key=lambda rec: (rec.c, rec.adaptation))
     out = []
     for t, name in enumerate(tasks):
         series = []
         for rec in records:
-            pairs = sorted((p["r"][t], p["losses"][t]) for p in rec["preferences"])
-            series.append({"c": rec["c"], "adaptation": rec["adaptation"],
-                           "label": f"c={rec['c']:g}, {'with' if rec['adaptation'] else 'no'} adaptation",
+            pairs = sorted((p["r"][t], p["losses"][t]) for p in rec.preferences)
+            series.append({"c": rec.c, "adaptation": rec.adaptation,
+                           "label": f"c={rec.c:g}, {'with' if rec.adaptation else 'no'} adaptation",
                            "r": [x for x, _ in pairs], "loss": [y for _, y in pairs]})
         out.append({"task": name, "anchor": None if anchor is None else float(anchor[t]), "series": series})
     return out
 
 
-def plot_marginal_controllability(result: dict[str, Any], path: str | Path, cs: Sequence[float] = (0.0, 1.0)
+def plot_marginal_controllability(result: Result, path: str | Path, cs: Sequence[float] = (0.0, 1.0)
                                   ) -> Path:
     """The paper's figure 7: each task's scaled test loss against its own preference ``r_t``.
 
@@ -254,7 +280,7 @@ def plot_marginal_controllability(result: dict[str, Any], path: str | Path, cs: 
                         markersize=3.5, linestyle="--" if s["adaptation"] else "-", linewidth=1.0, label=s["label"])
             if panel["anchor"] is not None:
                 ax.axhline(panel["anchor"], color="k", linestyle=(0, (4, 3)), linewidth=1.0,
-                           label="single-task anchor")
+                           label=method_label(Method.ANCHOR))
             ax.set_title(panel["task"])
             ax.set_xlabel(f"r_{panel['task']}")
             ax.grid(alpha=0.3)
@@ -271,24 +297,25 @@ def plot_marginal_controllability(result: dict[str, Any], path: str | Path, cs: 
     return path
 
 
-def cost_accuracy_points(result: dict[str, Any], baselines: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+def cost_accuracy_points(result: Result, baselines: Sequence[CompareRow | dict[str, Any]] = ()
+                         ) -> list[dict[str, Any]]:
     """The points of ``cost_accuracy.png``: each method's mean parameters over the anchor's and its hypervolume
     over the anchor's (dymu at c = 0 and 1, dymu within each budget, the anchor, the baselines of
-    ``dymu compare`` when given)."""
-    anchor = result["anchor"]["params"]
-    points = [{"label": "single-task anchor", "series": "anchor", "params": 1.0, "hv": 1.0}]
-    for rec in result["records"]:
-        if rec["method"] == "dymu" and rec.get("hypervolume_ratio") is not None:
-            points.append({"label": f"dymu c={rec['c']:g}", "series": f"dymu{' adapted' if rec['adaptation'] else ''}",
-                           "params": rec["mean_params"] / anchor, "hv": rec["hypervolume_ratio"]})
-    for rec in result.get("budget_records", []):
-        if rec.get("hypervolume_ratio") is not None:
-            points.append({"label": f"B={rec['budget']:g}",
-                           "series": f"budget{' adapted' if rec['adaptation'] else ''}",
-                           "params": rec["mean_params"] / anchor, "hv": rec["hypervolume_ratio"]})
-    for row in baselines:
-        points.append({"label": row["method"], "series": "baseline", "params": row["params"] / anchor,
-                       "hv": row["hv_ratio"]})
+    ``dymu compare`` when given: its rows, typed or as JSON)."""
+    anchor = result_part(result, "anchor")["params"]
+    points = [{"label": method_label(Method.ANCHOR), "series": "anchor", "params": 1.0, "hv": 1.0}]
+    for rec in result_records(result):
+        if rec.method is Method.DYMU and rec.hypervolume_ratio is not None:
+            points.append({"label": f"{method_label(rec.method)} c={rec.c:g}",
+                           "series": f"dymu{' adapted' if rec.adaptation else ''}",
+                           "params": rec.mean_params / anchor, "hv": rec.hypervolume_ratio})
+    for rec in result_records(result, "budget_records"):
+        if rec.hypervolume_ratio is not None:
+            points.append({"label": f"B={rec.budget:g}", "series": f"budget{' adapted' if rec.adaptation else ''}",
+                           "params": rec.mean_params / anchor, "hv": rec.hypervolume_ratio})
+    for row in parse_all(baselines, CompareRow.from_json):
+        points.append({"label": compare_label(row), "series": "baseline", "params": row.params / anchor,
+                       "hv": row.hv_ratio})
     return points
 
 
@@ -338,8 +365,8 @@ def plot_tree_grid(model: DynamicMultiTaskModel, path: str | Path) -> Path:
     return Path(path)
 
 
-def write_plots(model: DynamicMultiTaskModel, result: dict[str, Any], out_dir: str | Path,
-                baselines: Sequence[dict[str, Any]] = ()) -> dict[str, str]:
+def write_plots(model: DynamicMultiTaskModel, result: Result, out_dir: str | Path,
+                baselines: Sequence[CompareRow | dict[str, Any]] = ()) -> dict[str, str]:
     """Write the figures of ``PLOT_FILES`` into ``out_dir`` (``cost_accuracy`` when ``result`` has budget
     records); returns their file names by figure."""
     out_dir = Path(out_dir)
@@ -350,7 +377,7 @@ def write_plots(model: DynamicMultiTaskModel, result: dict[str, Any], out_dir: s
     plot_marginal_controllability(result, out_dir / PLOT_FILES["marginal_controllability"])
     plot_tree_grid(model, out_dir / PLOT_FILES["trees"])
     files = {k: v for k, v in PLOT_FILES.items() if k != "cost_accuracy"}
-    if result.get("budget_records"):
+    if result_part(result, "budget_records"):
         plot_cost_accuracy(cost_accuracy_points(result, baselines), out_dir / PLOT_FILES["cost_accuracy"])
         files["cost_accuracy"] = PLOT_FILES["cost_accuracy"]
     return files

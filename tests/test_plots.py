@@ -27,6 +27,7 @@ from stages.plots import (
     simplex_usage,
     write_plots,
 )
+from stages.results import CompareKind, CompareRow
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TASK_KINDS = [("semseg", {"out_channels": 3}), ("depth", {}), ("normals", {}), ("edges", {})]
@@ -163,12 +164,17 @@ def test_write_plots_names_both_files(model3, tmp_path):
 
 
 def test_cost_accuracy_points_and_plot(tmp_path):
+    def record(method, adaptation, mean_params, ratio, **budget):
+        return {**budget, "method": method, "adaptation": adaptation, "c": 0.0, "hypervolume": 1.0,
+                "hypervolume_method": "exact", "hypervolume_ratio": ratio, "uniformity": 0.9,
+                "mean_params": mean_params, "mean_gflops": 0.1, "preferences": []}
+
     result = {"anchor": {"params": 200},
-              "records": [{"method": "dymu", "adaptation": False, "c": 0.0, "mean_params": 180, "hypervolume_ratio": 0.97},
-                          {"method": "single-task anchor", "adaptation": False, "c": 0.0, "mean_params": 200,
-                           "hypervolume_ratio": 1.0}],
-              "budget_records": [{"budget": 0.6, "adaptation": True, "mean_params": 110, "hypervolume_ratio": 0.9}]}
-    points = cost_accuracy_points(result, [{"method": "PHN-BN", "params": 100, "hv_ratio": 1.2}])
+              "records": [record("dymu", False, 180, 0.97), record("single-task anchor", False, 200, 1.0)],
+              "budget_records": [record("dymu", True, 110, 0.9, budget=0.6, budget_metric="params")]}
+    phn_bn = CompareRow(CompareKind.PHN_BN, hypervolume=2.4, hv_ratio=1.2, uniformity=0.8, params=100, gflops=0.1,
+                        control_params=10, train_seconds=None, stored_params=300)
+    points = cost_accuracy_points(result, [phn_bn])
     assert [(p["label"], p["params"], p["hv"]) for p in points] == [
         ("single-task anchor", 1.0, 1.0), ("dymu c=0", 0.9, 0.97), ("B=0.6", 0.55, 0.9), ("PHN-BN", 0.5, 1.2)]
     assert_png(plot_cost_accuracy(points, tmp_path / "cost.png"))
