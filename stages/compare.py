@@ -3,9 +3,10 @@
 Trains the baselines that ``D`` lacks (PHN, PHN-BN with its shared parent, K static multi-task networks; the
 stage table's ``phn``, ``shared_mtl``, ``phn_bn`` and ``static`` stages, on D's data, backbone and seed, with
 the pipeline config's sections for them), evaluates them with the protocol of ``dymu evaluate`` (the same
-preferences, reference point and streaming test loop), and writes ``D/compare/``: ``metrics.json``,
-``report.md`` with the table in the paper's layout, and figure 6 (hypervolume against training wall-clock
-time: ours against random subsets of the K static networks). With ``--architectures`` it also trains the tree
+preferences, reference point and streaming test loop), and writes ``D/compare/``: ``metrics.json``
+(``stages.results.ComparisonResult``: typed rows, labelled by ``compare_label``), ``report.md`` with the table
+in the paper's layout, and figure 6 (hypervolume against training wall-clock time: ours against random subsets
+of the K static networks). With ``--architectures`` it also trains the tree
 searches, feature partitioning and the retrained trees (``ARCHITECTURE_STAGES``) and adds the architecture
 evaluation, the paper's tables 5 and 7 (``architecture_rows``), as its own section of the report.
 """
@@ -17,14 +18,16 @@ import itertools
 import json
 import math
 from collections.abc import Hashable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dymu.layout import RunLayout
-from stages.common import read_json, read_yaml
+from stages.common import read_yaml
 from stages.graph import STAGES
+from stages.results import CompareKind, CompareRow, ComparisonResult, EvaluationResult, Method, compare_label
 
 if TYPE_CHECKING:  # torch and the models are imported where used: `dymu compare --help` is fast
     from torch import nn
@@ -171,8 +174,8 @@ def compare_run(run_dir: str | Path, methods: Sequence[str] = BASELINES, overrid
                  stages=("weight", *methods, *extra))
     evaluate_options = config.get("evaluate") or {}
     evaluate_if_stale(layout, evaluate_options)
-    ours = read_json(layout.metrics, "delete it and rerun `dymu compare`: it evaluates the run again")
-    n, reference_point = len(ours["tasks"]), ours["reference_point"]
+    ours = EvaluationResult.read(layout.metrics, "delete it and rerun `dymu compare`: it evaluates the run again")
+    n, reference_point = len(ours.tasks), list(ours.reference_point)
     prefs = evaluation_preferences(n, int(evaluate_options.get("num_preferences", 20)), c=0.0,
                                    seed=int(evaluate_options.get("seed", 0)))
     networks, info = baseline_networks(layout, config, methods, prefs)
@@ -183,60 +186,62 @@ def compare_run(run_dir: str | Path, methods: Sequence[str] = BASELINES, overrid
     edge_params = count_parameters(model.edge_hypernet) if model.edge_hypernet is not None else 0
     anchor_s, edge_s = stage_seconds(layout, ["anchor"]), stage_seconds(layout, ["edge"])
     weight_s = stage_seconds(layout, ["weight"]) if layout.final("weight").is_file() else None
-    rows: list[dict[str, Any]] = []
-    anchor_rec = next(r for r in ours["records"] if r["method"] == "single-task anchor" and r["c"] == 0.0)
-    rows.append({"method": "single-task", "hypervolume": anchor_rec["hypervolume"], "hv_ratio": 1.0,
-                 "uniformity": None, "params": ours["anchor"]["params"], "gflops": ours["anchor"]["gflops"],
-                 "control_params": None, "train_seconds": anchor_s})
+    rows: list[CompareRow] = []
+    anchor_rec = ours.record(Method.ANCHOR, c=0.0)
+    if anchor_rec is None:
+        raise ValueError(f"{layout.metrics} has no single-task anchor record at c = 0; delete it and rerun "
+                         "`dymu compare`: it evaluates the run again")
+    rows.append(CompareRow(CompareKind.SINGLE_TASK, hypervolume=anchor_rec.hypervolume, hv_ratio=1.0, uniformity=None,
+                           params=ours.anchor["params"], gflops=ours.anchor["gflops"], control_params=None,
+                           train_seconds=anchor_s))
     records: dict[str, list[dict[str, Any]]] = {}
     for method in methods:
         item = info[method]
         recs = [{"r": r, "losses": losses[(method, k)], **item["cost"]} for k, r in enumerate(item["r"])]
         records[method] = recs
         summary = front_summary(recs, reference_point)
-        label = {"phn": "PHN", "phn_bn": "PHN-BN", "static": f"static ({len(recs)} networks)"}[method]
-        rows.append({"method": label, "hypervolume": summary["hypervolume"],
-                     "hv_ratio": summary["hypervolume"] / anchor_rec["hypervolume"] if anchor_rec["hypervolume"]
-                     else None, "uniformity": summary["uniformity"], "params": item["cost"]["params"],
-                     "gflops": item["cost"]["flops"] / 1e9, "control_params": item["control_params"],
-                     "stored_params": item["stored_params"], "train_seconds": item["train_seconds"]})
+        kind = CompareKind(method)
+        rows.append(CompareRow(kind, hypervolume=summary["hypervolume"],
+                               hv_ratio=summary["hypervolume"] / anchor_rec.hypervolume if anchor_rec.hypervolume
+                               else None, uniformity=summary["uniformity"], params=item["cost"]["params"],
+                               gflops=item["cost"]["flops"] / 1e9, control_params=item["control_params"],
+                               stored_params=item["stored_params"], train_seconds=item["train_seconds"],
+                               networks=len(recs) if kind is CompareKind.STATIC else None))
     for adapt in (False, True):
         for c in (0.0, 1.0):
-            rec = next((r for r in ours["records"] if r["method"] == "dymu" and r["adaptation"] == adapt
-                        and r["c"] == c), None)
+            rec = ours.record(Method.DYMU, adapt, c)
             if rec is None:
                 continue
             seconds = None if None in (anchor_s, edge_s, *( [weight_s] if adapt else [])) else \
                 anchor_s + edge_s + (weight_s if adapt else 0.0)  # type: ignore[operator]
-            rows.append({"method": f"ours{'' if adapt else ' w/o adaptation'}, c={c:g}",
-                         "hypervolume": rec["hypervolume"], "hv_ratio": rec.get("hypervolume_ratio"),
-                         "uniformity": rec["uniformity"], "params": rec["mean_params"], "gflops": rec["mean_gflops"],
-                         "control_params": ours["control_params"] if adapt else edge_params,
-                         "train_seconds": seconds})
+            rows.append(CompareRow(CompareKind.OURS, adaptation=adapt, c=c, hypervolume=rec.hypervolume,
+                                   hv_ratio=rec.hypervolume_ratio, uniformity=rec.uniformity, params=rec.mean_params,
+                                   gflops=rec.mean_gflops, control_params=ours.control_params if adapt else edge_params,
+                                   train_seconds=seconds))
     curve = None
     if "static" in methods:
         curve = static_subset_curve([r["losses"] for r in records["static"]], info["static"]["seconds"],
                                     reference_point, subsets=subsets, seed=int(evaluate_options.get("seed", 0)))
-    result = {"tasks": ours["tasks"], "reference_point": reference_point, "preferences": len(prefs),
-              "rows": rows, "static_curve": curve, "records": records}
-    result["static_match"] = static_match(rows, curve)
+    result = ComparisonResult(tasks=ours.tasks, reference_point=tuple(reference_point), preferences=len(prefs),
+                              rows=tuple(rows), static_curve=curve, records=records,
+                              static_match=static_match(rows, curve))
     if architectures:
-        result["architectures"] = architecture_rows(layout, config, max_batches, device)
+        result = replace(result, architectures=architecture_rows(layout, config, max_batches, device))
     layout.compare_dir.mkdir(parents=True, exist_ok=True)
-    result["plot"] = plot_training_efficiency(rows, curve, layout.compare_plot)
-    layout.compare_metrics.write_text(json.dumps(result, indent=1))
+    result = replace(result, plot=plot_training_efficiency(rows, curve, layout.compare_plot))
+    layout.compare_metrics.write_text(json.dumps(result.to_json(), indent=1))
     layout.compare_report.write_text(render_report(result))
-    return result
+    return result.to_json()
 
 
-def static_match(rows: Sequence[dict[str, Any]], curve: Sequence[dict[str, Any]] | None) -> dict[str, Any] | None:
+def static_match(rows: Sequence[CompareRow], curve: Sequence[dict[str, Any]] | None) -> dict[str, Any] | None:
     """How many static networks (and how much of their training time) it takes to reach ours' hypervolume
     (with adaptation at c = 0): the paper's figure-6 claim, as numbers."""
-    ours = next((r for r in rows if r["method"] == "ours, c=0"), None)
+    ours = next((r for r in rows if r.matches(CompareKind.OURS, adaptation=True, c=0.0)), None)
     if ours is None or not curve:
         return None
-    reached = next((p for p in curve if p["hv_mean"] >= ours["hypervolume"]), None)
-    match = {"ours_hypervolume": ours["hypervolume"], "ours_seconds": ours["train_seconds"],
+    reached = next((p for p in curve if p["hv_mean"] >= ours.hypervolume), None)
+    match = {"ours_hypervolume": ours.hypervolume, "ours_seconds": ours.train_seconds,
              "static_k": None if reached is None else reached["k"],
              "static_seconds": None if reached is None else reached["seconds_mean"],
              "all_static_hypervolume": curve[-1]["hv_mean"], "all_static_seconds": curve[-1]["seconds_mean"]}
@@ -253,7 +258,7 @@ def ours_reaches_static_first(match: dict[str, Any]) -> bool | None:
     return match["ours_seconds"] < seconds
 
 
-def plot_training_efficiency(rows: Sequence[dict[str, Any]], curve: Sequence[dict[str, Any]] | None,
+def plot_training_efficiency(rows: Sequence[CompareRow], curve: Sequence[dict[str, Any]] | None,
                              path: Path) -> str:
     """Figure 6: hypervolume against training wall-clock time; returns the file name."""
     import matplotlib
@@ -267,9 +272,9 @@ def plot_training_efficiency(rows: Sequence[dict[str, Any]], curve: Sequence[dic
         ax.errorbar(xs, [p["hv_mean"] for p in curve], yerr=[p["hv_std"] for p in curve], marker="o", ms=3,
                     capsize=2, label="static networks (k of K, mean ± sd over subsets)")
     for row in rows:
-        if row["train_seconds"] is not None and not row["method"].startswith("static"):
-            ax.scatter([row["train_seconds"]], [row["hypervolume"]], marker="*" if "ours" in row["method"] else "s",
-                       s=80, label=row["method"], zorder=3)
+        if row.train_seconds is not None and row.kind is not CompareKind.STATIC:
+            ax.scatter([row.train_seconds], [row.hypervolume], marker="*" if row.kind is CompareKind.OURS else "s",
+                       s=80, label=compare_label(row), zorder=3)
     ax.set_xlabel("training wall-clock time (s)")
     ax.set_ylabel("hypervolume (c = 0 preferences)")
     ax.legend(fontsize=7)
@@ -284,37 +289,40 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def render_report(result: dict[str, Any]) -> str:
-    """The comparison in the layout of the paper's tables 1-4, and figure 6's numbers."""
+def render_report(result: ComparisonResult | dict[str, Any]) -> str:
+    """The comparison in the layout of the paper's tables 1-4, and figure 6's numbers (from ``compare_run``'s
+    result, typed or its JSON)."""
+    if not isinstance(result, ComparisonResult):
+        result = ComparisonResult.from_json(result)
     lines = ["# dymu compare", "",
-             f"Tasks: {', '.join(result['tasks'])}. Hypervolume over {result['preferences']} preferences "
-             f"r ~ Dirichlet(1) (the evaluation's), reference point {[round(v, 4) for v in result['reference_point']]} "
+             f"Tasks: {', '.join(result.tasks)}. Hypervolume over {result.preferences} preferences "
+             f"r ~ Dirichlet(1) (the evaluation's), reference point {[round(v, 4) for v in result.reference_point]} "
              "(scaled test losses). Training time: wall-clock seconds of the stages' training loops "
              "(ours: anchor + edge (+ weight); PHN-BN: its shared parent + its hypernet).", "",
              "| method | hypervolume | HV / single-task | uniformity | inference params | GFLOPs | control params "
              "| training time (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for row in result["rows"]:
-        control = _fmt(row["control_params"], ",")
-        if row["method"].startswith("static"):
-            control = f"- ({row['stored_params']:,} stored)"
-        lines.append(f"| {row['method']} | {row['hypervolume']:.4g} | {_fmt(row['hv_ratio'], '.3f')} | "
-                     f"{_fmt(row['uniformity'], '.3f')} | {row['params']:,.0f} | {row['gflops']:.4f} | {control} | "
-                     f"{_fmt(row['train_seconds'], '.0f')} |")
-    match = result.get("static_match")
+    for row in result.rows:
+        control = _fmt(row.control_params, ",")
+        if row.kind is CompareKind.STATIC:
+            control = f"- ({row.stored_params:,} stored)"
+        lines.append(f"| {compare_label(row)} | {row.hypervolume:.4g} | {_fmt(row.hv_ratio, '.3f')} | "
+                     f"{_fmt(row.uniformity, '.3f')} | {row.params:,.0f} | {row.gflops:.4f} | {control} | "
+                     f"{_fmt(row.train_seconds, '.0f')} |")
+    match = result.static_match
     if match:
         lines += ["", "## Training efficiency (figure 6)", "",
-                  f"![training efficiency]({result['plot']})", ""]
+                  f"![training efficiency]({result.plot})", ""]
         if match["static_k"] is None:
             lines.append(f"No subset of the static networks reaches ours' hypervolume ({match['ours_hypervolume']:.4g});"
-                         f" all {len(result['static_curve'])} reach {match['all_static_hypervolume']:.4g} in "
+                         f" all {len(result.static_curve or [])} reach {match['all_static_hypervolume']:.4g} in "
                          f"{_fmt(match['all_static_seconds'], '.0f')} s against ours' "
                          f"{_fmt(match['ours_seconds'], '.0f')} s.")
         else:
             lines.append(f"The static networks reach ours' hypervolume ({match['ours_hypervolume']:.4g}, in "
                          f"{_fmt(match['ours_seconds'], '.0f')} s of training) with {match['static_k']} networks "
                          f"on average, trained in {_fmt(match['static_seconds'], '.0f')} s.")
-    if result.get("architectures"):
-        lines += ["", *render_architectures(result["architectures"])]
+    if result.architectures:
+        lines += ["", *render_architectures(result.architectures)]
     return "\n".join(lines) + "\n"
 
 

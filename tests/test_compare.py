@@ -11,6 +11,7 @@ from dymu.layout import RunLayout
 from dymu.metrics import hypervolume
 from stages.cli import entry_point
 from stages.compare import static_match, static_subset_curve
+from stages.results import CompareKind, CompareRow, ComparisonResult
 from stages.runner import run_pipeline
 from tests.test_pipeline import CSV, tiny_config, tiny_trainer, write
 
@@ -57,6 +58,13 @@ def test_compare_writes_every_row_and_figure_6(compared):
         hypervolume(np.array([r["losses"] for r in phn]), np.array(ours["reference_point"])))
     assert [p["k"] for p in result["static_curve"]] == list(range(1, K + 1))
     assert layout.compare_plot.is_file() and "| PHN-BN |" in layout.compare_report.read_text()
+    # the rows' typed fields beside their labels; the file reads back as it was written
+    assert [(row["kind"], row["adaptation"], row["c"]) for row in result["rows"]] == [
+        ("single-task", None, None), ("phn", None, None), ("phn_bn", None, None), ("static", None, None),
+        ("ours", False, 0.0), ("ours", False, 1.0), ("ours", True, 0.0), ("ours", True, 1.0)]
+    typed = ComparisonResult.read(layout.compare_metrics)
+    assert typed.to_json() == result and typed.row(CompareKind.STATIC).networks == K
+    assert result["static_match"]["ours_hypervolume"] == typed.row(CompareKind.OURS, True, 0.0).hypervolume
 
 
 def test_rerunning_compare_trains_nothing(compared, capsys):
@@ -87,7 +95,9 @@ def test_static_match_compares_ours_with_the_networks_that_reach_it_or_with_all_
              {"k": 3, "hv_mean": 0.9, "seconds_mean": 30.0}]
 
     def match(hv, seconds):
-        return static_match([{"method": "ours, c=0", "hypervolume": hv, "train_seconds": seconds}], curve)
+        row = CompareRow(CompareKind.OURS, adaptation=True, c=0.0, hypervolume=hv, hv_ratio=None, uniformity=None,
+                         params=1.0, gflops=0.1, control_params=0, train_seconds=seconds)
+        return static_match([row], curve)
 
     reached = match(0.6, 15.0)  # two networks reach 0.6 in 20 s: ours (15 s) is first
     assert (reached["static_k"], reached["static_seconds"], reached["ours_first"]) == (2, 20.0, True)
