@@ -31,12 +31,13 @@ import yaml
 
 from dymu.layout import RunLayout
 from stages.common import read_json, read_yaml, write_yaml
+from stages.results import CostGroup, EvaluationResult, Method, TrialMetrics
 
 SWEPT_SECTIONS = ("edge", "weight", "evaluate")
 """Top-level sections a trial may change: everything else would need a new anchor."""
 METHODS = ("grid", "random", "bayes")
 
-METRIC_COLUMNS = {
+METRIC_COLUMNS = {  # the labels of TrialMetrics' fields, in its order
     "hv_ratio_c0": "HV / anchor's, c=0 (adapted)",
     "hv_ratio_c1": "HV / anchor's, c=1 (adapted)",
     "hv_ratio_c0_noadapt": "HV / anchor's, c=0 (no adaptation)",
@@ -214,46 +215,40 @@ def run_trial(parent_dir: str | Path, params: dict[str, Any], name: str | None =
         for spec in stages:
             run_stage(spec.name, configs[spec.name], trial.root)
         evaluation = evaluate_run(trial.root, **(config.get("evaluate") or {}))
-    result = {"name": trial.root.name, "parameters": params, "metrics": trial_metrics(evaluation)}
+    result = {"name": trial.root.name, "parameters": params, "metrics": trial_metrics(evaluation).to_json()}
     parent.trial_result(name).write_text(json.dumps(result, indent=1))
     return result
 
 
-def trial_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
-    """The sweep's columns from ``evaluate_run``'s result (fractions are of the anchor's parameters)."""
-    records = evaluation["records"]
-
-    def record(method: str, c: float, adapt: bool) -> dict[str, Any] | None:
-        found = [r for r in records if r["method"] == method and r["c"] == c and r["adaptation"] == adapt]
-        return found[0] if found else None
-
+def trial_metrics(evaluation: EvaluationResult | dict[str, Any]) -> TrialMetrics:
+    """The sweep's columns from ``evaluate_run``'s result, typed or its JSON (fractions are of the anchor's
+    parameters); records and cost entries are found by their typed fields, not their labels."""
+    result = evaluation if isinstance(evaluation, EvaluationResult) else EvaluationResult.from_json(evaluation)
     out: dict[str, float] = {}
     for c in (0.0, 1.0):
         for adapt, suffix in ((True, ""), (False, "_noadapt")):
-            rec = record("dymu", c, adapt)  # no adapted record without a weight stage: NaN, not a relabelled one
-            ratio = rec.get("hypervolume_ratio") if rec is not None else None
+            rec = result.record(Method.DYMU, adapt, c)  # no adapted record without a weight stage: NaN
+            ratio = rec.hypervolume_ratio if rec is not None else None
             out[f"hv_ratio_c{c:g}{suffix}"] = float("nan") if ratio is None else float(ratio)
             if adapt:
-                out[f"uniformity_c{c:g}"] = rec["uniformity"] if rec is not None else float("nan")
-        out["uniformity_anchor"] = record("single-task anchor", c, False)["uniformity"]
-    anchor_params = evaluation["anchor"]["params"]
-    costs = evaluation["inference_cost"]
+                out[f"uniformity_c{c:g}"] = rec.uniformity if rec is not None else float("nan")
+        anchor = result.record(Method.ANCHOR, False, c)
+        out["uniformity_anchor"] = anchor.uniformity if anchor is not None else float("nan")
+    anchor_params = result.anchor["params"]
 
-    def fraction(prefix: str, c: float) -> float:
-        name = f"{prefix}, c={c:g}" if prefix else f"c={c:g}"
-        found = [v for k, v in costs.items() if k == name or (prefix and k.startswith(prefix) and k.endswith(
-            f", c={c:g}"))]
-        return found[0]["mean_params"] / anchor_params if found and found[0] else float("nan")
+    def fraction(group: CostGroup, c: float) -> float:
+        found = result.cost(group, c)
+        return found.mean_params / anchor_params if found is not None and found.count else float("nan")
 
     for c in (0.0, 1.0):
-        out[f"params_c{c:g}"] = fraction("", c)
-        out[f"focused_c{c:g}"] = fraction("focused", c)
-        out[f"near_uniform_c{c:g}"] = fraction("near-uniform", c)
+        out[f"params_c{c:g}"] = fraction(CostGroup.ALL, c)
+        out[f"focused_c{c:g}"] = fraction(CostGroup.FOCUSED, c)
+        out[f"near_uniform_c{c:g}"] = fraction(CostGroup.NEAR_UNIFORM, c)
     out["params_ratio"] = out["params_c1"] / out["params_c0"]
-    uniform = next(row for row in evaluation["controllability"] if row["preference"] == "uniform")
+    uniform = result.uniform_controllability()
     for c in (0.0, 1.0):
-        out[f"uniform_c{c:g}"] = uniform["params"][str(c)] / anchor_params
-    return out
+        out[f"uniform_c{c:g}"] = uniform["params"][str(c)] / anchor_params if uniform else float("nan")
+    return TrialMetrics(**out)
 
 
 # --- the local sweep and its summary ----------------------------------------------------------------------
@@ -314,8 +309,9 @@ def write_summary(layout: RunLayout, results: Sequence[dict[str, Any]], sweep: d
         writer = csv.writer(fh)
         writer.writerow(["trial", *keys, *METRIC_COLUMNS])
         for res in results:
+            metrics = TrialMetrics.from_json(res["metrics"])
             writer.writerow([res["name"], *(res["parameters"].get(k) for k in keys),
-                             *(f"{res['metrics'].get(m, float('nan')):.4f}" for m in METRIC_COLUMNS)])
+                             *(f"{metrics.value(m):.4f}" for m in METRIC_COLUMNS)])
     metric = sweep.get("metric", {})
     lines = ["# Sweep summary", "",
              f"{len(results)} trials. Fractions are of the anchor's parameters (1000 preferences per c); HV ratios "
@@ -326,8 +322,8 @@ def write_summary(layout: RunLayout, results: Sequence[dict[str, Any]], sweep: d
     lines += ["| trial | " + " | ".join(METRIC_COLUMNS[m] for m in shown) + " |",
               "| --- | " + " | ".join("---" for _ in shown) + " |"]
     for res in results:
-        lines.append(f"| {res['name']} | " + " | ".join(f"{res['metrics'].get(m, float('nan')):.3f}" for m in shown)
-                     + " |")
+        metrics = TrialMetrics.from_json(res["metrics"])
+        lines.append(f"| {res['name']} | " + " | ".join(f"{metrics.value(m):.3f}" for m in shown) + " |")
     if "seed_everything" in keys and len(keys) > 1:
         groups: dict[str, list[dict[str, Any]]] = {}
         for res in results:
@@ -339,7 +335,7 @@ def write_summary(layout: RunLayout, results: Sequence[dict[str, Any]], sweep: d
         for setting, members in groups.items():
             cells = []
             for m in shown:
-                values = np.array([r["metrics"].get(m, float("nan")) for r in members], dtype=float)
+                values = np.array([TrialMetrics.from_json(r["metrics"]).value(m) for r in members], dtype=float)
                 cells.append(f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.3f}")
             lines.append(f"| {setting} | {len(members)} | " + " | ".join(cells) + " |")
     layout.sweep_summary("md").write_text("\n".join(lines) + "\n")
