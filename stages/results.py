@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from pathlib import Path
@@ -57,13 +57,22 @@ def check_schema(data: Mapping[str, Any], source: str | Path) -> int:
     return version
 
 
-def _read(path: str | Path, fix: str) -> dict[str, Any]:
+def _read(path: str | Path, fix: str, parse: Callable[[dict[str, Any], str | Path], Any]) -> Any:
+    """``parse(content, path)`` of a results file; a malformed one (not JSON, not an object, a key missing) is a
+    one-line ``ValueError`` naming it and ``fix``."""
     from stages.common import read_json
 
     data = read_json(path, fix)
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object at the top level; {fix}")
-    return data
+    try:
+        return parse(data, path)
+    except SchemaError:
+        raise
+    except KeyError as err:
+        raise ValueError(f"{path} lacks the entry {err}; {fix}") from None
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path} is malformed ({' '.join(str(err).split())}); {fix}") from None
 
 
 def _opt_float(value: Any) -> float | None:
@@ -316,7 +325,7 @@ class EvaluationResult:
     @classmethod
     def read(cls, path: str | Path, fix: str = "delete it and rerun `dymu evaluate`") -> EvaluationResult:
         """``from_json`` of a file; a malformed one is a one-line error naming it and ``fix``."""
-        return cls.from_json(_read(path, fix), path)
+        return _read(path, fix, cls.from_json)
 
 
 # --- the comparison (compare/metrics.json) ------------------------------------------------------------------------
@@ -448,7 +457,7 @@ class ComparisonResult:
     @classmethod
     def read(cls, path: str | Path, fix: str = "delete it and rerun `dymu compare`") -> ComparisonResult:
         """``from_json`` of a file; a malformed one is a one-line error naming it and ``fix``."""
-        return cls.from_json(_read(path, fix), path)
+        return _read(path, fix, cls.from_json)
 
 
 # --- a sweep trial (sweeps/<trial>/trial.json's metrics) ----------------------------------------------------------
@@ -498,6 +507,6 @@ class TrialMetrics:
         return cls(**{name: float(data[name]) for name in cls.names() if data.get(name) is not None})
 
 
-def parse_all(items: Iterable[Mapping[str, Any]], parse: Any) -> list[Any]:
+def parse_all(items: Iterable[Any], parse: Callable[[Mapping[str, Any]], Any]) -> list[Any]:
     """``parse`` of each item that is not already parsed (JSON dicts or typed objects alike)."""
     return [item if not isinstance(item, Mapping) else parse(item) for item in items]

@@ -235,6 +235,20 @@ def test_a_newer_schema_is_refused_in_one_line(make, cls, tmp_path):
     assert cls.from_json(data) == make()
 
 
+def test_a_malformed_file_is_one_line_naming_it(tmp_path):
+    path = tmp_path / "metrics.json"
+    data = evaluation().to_json()
+    del data["records"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"metrics.json lacks the entry 'records'; delete it and rerun `dymu evaluate`"):
+        EvaluationResult.read(path)
+    data = comparison().to_json()
+    data["rows"][0]["kind"] = "oracle"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="is malformed .*'oracle'.*; delete it and rerun `dymu compare`"):
+        ComparisonResult.read(path)
+
+
 # --- docs/scripts/seed_table.py on both versions ----------------------------------------------------------------------
 
 def test_the_seed_table_reads_both_versions(tmp_path, monkeypatch, capsys):
