@@ -15,7 +15,7 @@ import lightning
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from datamodules.datasets.files import DiskLayout, image_size, read_id_list
 from datamodules.transforms import EvalTransform, TrainTransform
@@ -95,6 +95,20 @@ def check_batch_fits(num_train: int, batch_size: int, source: str) -> None:
                          "loader drops the last incomplete batch, so no batch would remain; lower batch_size")
 
 
+def holdout_indices(size: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A fixed random split of ``range(size)``: the kept ``(1 - fraction)`` of the indices, then the held-out
+    ``fraction`` (``round(size * fraction)`` of them), from a permutation seeded by ``seed``.
+
+    Raises:
+        ValueError: ``fraction`` is not in (0, 1).
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"the held-out fraction must lie in (0, 1), got {fraction}")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
+    cut = size - round(size * fraction)
+    return order[:cut], order[cut:]
+
+
 class MultiTaskDataModule(lightning.LightningDataModule):
     """A multi-task data module over datasets of sample dicts (``{"image": ..., <task name>: target}``).
 
@@ -103,6 +117,10 @@ class MultiTaskDataModule(lightning.LightningDataModule):
     injects its ``DistributedSampler`` under DDP). Validation and test loaders use an unrepeated distributed
     sampler under DDP, so no sample is padded in twice and none is dropped: the torchmetrics states summed over
     ranks see every sample exactly once.
+
+    ``holdout(fraction, seed)`` sets a fixed random part of the training set aside (a stage that trains part of
+    its model on data the trainer's batches do not see, e.g. BMTAS's architecture split): it returns a loader over
+    that part, and ``train_dataloader`` serves the rest from then on.
 
     ``check_data()`` is the cheap check a runner calls before any training: it verifies, without loading the
     data, that the data set exists and has the expected layout, and raises ``DatasetNotFoundError`` (a
@@ -117,6 +135,8 @@ class MultiTaskDataModule(lightning.LightningDataModule):
     #: Whether training samples differ from evaluation ones (augmentation); if not, ``dataset(split, train)``
     #: builds one dataset per split.
     augmented: bool = True
+    #: The training samples ``train_dataloader`` serves after ``holdout`` (None: all of them).
+    _kept_train: list[int] | None = None
 
     def __init__(self, batch_size: int, num_workers: int) -> None:
         super().__init__()
@@ -202,8 +222,31 @@ class MultiTaskDataModule(lightning.LightningDataModule):
         return make_loader(self, self.dataset(split), shuffle, self.collate)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (augmented) training batches; the last incomplete batch is dropped."""
+        """Shuffled (augmented) training batches; the last incomplete batch is dropped. After ``holdout``, only the
+        samples it kept."""
+        if self._kept_train is not None:
+            return make_loader(self, Subset(self.dataset("train"), self._kept_train), True, self.collate)
         return self._loader("train", shuffle=True)
+
+    def holdout(self, fraction: float, seed: int) -> DataLoader:
+        """Set a fixed random ``fraction`` of the training set aside (``holdout_indices(len, fraction, seed)``: the
+        same samples for the same seed) and return a loader over it, built like the training loader (shuffled,
+        augmented, the last incomplete batch dropped, the same on every DDP process: Lightning's sampler does
+        not reach it). From now on ``train_dataloader`` serves only the kept samples; a later ``holdout``
+        replaces this one (the split is always of the whole training set).
+
+        Raises:
+            ValueError: ``fraction`` is not in (0, 1), or either part is smaller than ``batch_size``.
+        """
+        data = self.dataset("train")
+        size = len(data)  # type: ignore[arg-type]
+        kept, held_out = holdout_indices(size, fraction, seed)
+        if min(len(kept), len(held_out)) < self.batch_size:
+            raise ValueError(f"holding out {fraction:.0%} of the {size} training samples leaves {len(kept)} / "
+                             f"{len(held_out)}, a part smaller than batch_size ({self.batch_size}); use more "
+                             "training data, a smaller batch or another fraction")
+        self._kept_train = kept
+        return make_loader(self, Subset(data, held_out), True, self.collate)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in a fixed order, every sample exactly once (also under DDP)."""

@@ -52,27 +52,31 @@ class AnchorPretraining(StageModule):
                  single_task_checkpoints: dict[str, str] | None = None, stream_init: str = "shared",
                  pretrained: str | None = None, shared_warmup_steps: int = 0,
                  random_tree_weight: float = 0.0) -> None:
-        super().__init__(optimizer, lr_scheduler)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler)
         if task_configs is None:
             raise ValueError("AnchorPretraining needs the tasks: link them from the data module (the CLI does)")
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler"])
-        self.set_tasks(task_configs)
-        self.model = DynamicMultiTaskModel.build(backbone, self.tasks, input_shape=input_shape)
         if stream_init not in ("shared", "independent"):
             raise ValueError(f"stream_init must be 'shared' or 'independent', got {stream_init!r}")
-        if stream_init == "shared":
-            self.copy_stream_to_all(0)
         if shared_warmup_steps < 0:
             raise ValueError(f"shared_warmup_steps must be >= 0, got {shared_warmup_steps}")
-        self.shared_warmup_steps, self.pretrained = shared_warmup_steps, pretrained
         if random_tree_weight < 0:
             raise ValueError(f"random_tree_weight must be >= 0, got {random_tree_weight}")
+        self.backbone, self.input_shape, self.stream_init = backbone, input_shape, stream_init
+        self.shared_warmup_steps, self.pretrained = shared_warmup_steps, pretrained
         self.random_tree_weight = random_tree_weight
+        self.configure_stage(task_configs)
         self.single_task_checkpoints = dict(single_task_checkpoints or {})
         unknown = set(self.single_task_checkpoints) - set(self.model.tasks)
         if unknown:
             raise ValueError(f"single_task_checkpoints names tasks {sorted(unknown)} that are not among "
                              f"{self.model.tasks}")
+
+    def configure_models(self, parent: dict[str, Any] | None) -> None:
+        """The N fresh streams and heads (every stream a copy of stream 0's weights with ``stream_init="shared"``)."""
+        self.model = DynamicMultiTaskModel.build(self.backbone, self.tasks, input_shape=self.input_shape)
+        if self.stream_init == "shared":
+            self.copy_stream_to_all(0)
 
     def setup(self, stage: str) -> None:
         if self.pretrained is not None:

@@ -1,5 +1,6 @@
 """The BMTAS search (``dymu.baselines.bmtas``): warm-up, then alternating architecture and weight updates on a
-fixed 20 / 80 split of the training data, the proxyless resource loss, a linear temperature schedule."""
+fixed 20 / 80 split of the training data (the data module's ``holdout``), the proxyless resource loss, a linear
+temperature schedule."""
 
 from __future__ import annotations
 
@@ -10,27 +11,17 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from dymu.anchor import batch_statistics
 from dymu.backbones.base import Backbone
 from dymu.baselines.bmtas import BmtasNet, reassigned_groups
-from dymu.checkpoint import META_KEY
-from lightning_modules.ltb import TreeSearchStage
+from lightning_modules.base import FoundTreeMixin, StageModule, check_tree_init
 
 
 def bmtas_optimizer(params: Any) -> torch.optim.Optimizer:
     """The weights' optimizer of the authors' search code: Adam, learning rate 1e-3, weight decay 1e-4."""
     return torch.optim.Adam(params, lr=1e-3, weight_decay=1e-4)
-
-
-def split_indices(size: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """A fixed random split of ``range(size)``: ``(1 - fraction)`` of the indices, then ``fraction`` of them."""
-    if not 0 < fraction < 1:
-        raise ValueError(f"the architecture split fraction must lie in (0, 1), got {fraction}")
-    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed)).tolist()
-    cut = size - round(size * fraction)
-    return order[:cut], order[cut:]
 
 
 def linear_temperature(step: int, total_steps: int, warmup_steps: int, start: float = 5.0, end: float = 0.1) -> float:
@@ -40,7 +31,7 @@ def linear_temperature(step: int, total_steps: int, warmup_steps: int, start: fl
     return start + (end - start) * progress
 
 
-class BmtasSearch(TreeSearchStage):
+class BmtasSearch(FoundTreeMixin, StageModule):
     """BMTAS: per-task routings through the anchor's supergraph, searched with the resource loss.
 
     Schedule (the paper's appendix A and the authors' code): the first ``warmup_steps`` weight steps train every
@@ -54,8 +45,9 @@ class BmtasSearch(TreeSearchStage):
     to ``temperature_end`` over the steps after the warm-up. One weight step per batch updates every task's
     forward together (the paper steps after each task's).
 
-    The split: this module replaces the data module's ``train_dataloader`` by one over the weight split and keeps
-    a loader over the architecture split (``setup``); it needs a dymu data module (``dataset("train")``).
+    The split: at ``setup`` the data module holds the architecture split out (``MultiTaskDataModule.holdout``,
+    seeded by ``seed``), so that its ``train_dataloader`` serves the weight split, and this module keeps the loader
+    over the architecture split; it needs a dymu data module.
 
     Args:
         backbone, task_configs, input_shape, anchor_checkpoint, init: see ``LearnToBranchSearch``.
@@ -67,7 +59,7 @@ class BmtasSearch(TreeSearchStage):
         temperature_start, temperature_end: the linear temperature schedule.
         arch_fraction: the architecture split's share of the training set.
         arch_lr, arch_weight_decay: the routing logits' Adam.
-        loss_scales: ``"config"`` or ``"anchor"`` (see ``BaselineStage``).
+        loss_scales: ``"config"`` or ``"anchor"`` (see ``StageModule``).
         optimizer: the weights' optimizer factory (default: Adam 1e-3, weight decay 1e-4).
         lr_scheduler: optional scheduler factory (stepped every weight step).
         seed: seeds the architecture split.
@@ -82,49 +74,46 @@ class BmtasSearch(TreeSearchStage):
                  arch_fraction: float = 0.2, arch_lr: float = 0.01, arch_weight_decay: float = 5e-5,
                  loss_scales: str = "config", optimizer: OptimizerCallable = bmtas_optimizer,
                  lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0) -> None:
-        super().__init__(optimizer, lr_scheduler, seed, loss_scales, anchor_checkpoint)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, loss_scales=loss_scales,
+                         scales_checkpoint=anchor_checkpoint)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "seed"])
         if resource_weight < 0 or (warmup_steps is not None and warmup_steps < 0) or not (
                 temperature_start > 0 and temperature_end > 0) or arch_lr <= 0:
             raise ValueError(f"need resource_weight >= 0, warmup_steps >= 0, positive temperatures and arch_lr > 0; "
                              f"got {resource_weight}, {warmup_steps}, {temperature_start}, {temperature_end}, "
                              f"{arch_lr}")
-        split_indices(10, arch_fraction, seed)  # a clear error for a bad fraction now
-        self.resource_weight, self.init = resource_weight, init
+        if not 0 < arch_fraction < 1:
+            raise ValueError(f"arch_fraction (the architecture split's share) must lie in (0, 1), got {arch_fraction}")
+        self.resource_weight, self.init, self.seed = resource_weight, init, seed
         self.warmup_setting = warmup_steps
         self.temperature_start, self.temperature_end = temperature_start, temperature_end
         self.arch_fraction, self.arch_lr, self.arch_weight_decay = arch_fraction, arch_lr, arch_weight_decay
-        self.build_supergraph(BmtasNet, backbone, task_configs, input_shape, init, resource=resource)
-        self.model: BmtasNet  # type: ignore[assignment]
+        check_tree_init(self.stage_name, init, anchor_checkpoint, backbone, task_configs)
+        self.anchor_checkpoint, self.backbone, self.input_shape = anchor_checkpoint, backbone, input_shape
+        self.resource = resource
+        self.configure_stage(task_configs, parent=anchor_checkpoint, backbone=backbone)
         self.arch_loader: DataLoader | None = None
         self.arch_optimizer: torch.optim.Optimizer | None = None
         self._last_arch_epoch = -1
 
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.model.weight_parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def configure_models(self, parent: dict[str, Any] | None) -> None:
+        self.model = self.build_supergraph(BmtasNet, parent, self.backbone, self.input_shape, self.init,
+                                           resource=self.resource)
+
+    def optimizer_parameters(self) -> Any:
+        return self.model.weight_parameters()
 
     def setup(self, stage: str) -> None:
         if stage != "fit" or self.arch_loader is not None:
             return
         datamodule = self.trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "dataset"):
+        if datamodule is None or not hasattr(datamodule, "holdout"):
             raise ValueError("BMTAS splits the training set into weight and architecture parts: fit it with a "
-                             "dymu data module (one with dataset('train'))")
-        from datamodules.base import make_loader  # the loader every data module uses
-
-        data = datamodule.dataset("train")
-        weight_part, arch_part = split_indices(len(data), self.arch_fraction, self.seed)
-        if min(len(weight_part), len(arch_part)) < datamodule.batch_size:
-            raise ValueError(f"BMTAS's {1 - self.arch_fraction:.0%} / {self.arch_fraction:.0%} split of {len(data)} "
-                             f"training samples leaves a part smaller than batch_size ({datamodule.batch_size}); "
-                             "use more training data, a smaller batch or another arch_fraction")
-        self.arch_loader = make_loader(datamodule, Subset(data, arch_part), True, datamodule.collate)
-        weight_loader = make_loader(datamodule, Subset(data, weight_part), True, datamodule.collate)
-        datamodule.train_dataloader = lambda: weight_loader  # the trainer's batches: the weight split
+                             "dymu data module (one with holdout())")
+        try:
+            self.arch_loader = datamodule.holdout(self.arch_fraction, self.seed)  # the trainer's: the weight split
+        except ValueError as error:
+            raise ValueError(f"BMTAS's architecture split (arch_fraction): {error}") from error
 
     def warmup_steps(self) -> int:
         if self.warmup_setting is not None:
@@ -189,10 +178,15 @@ class BmtasSearch(TreeSearchStage):
             mean = torch.stack(totals).mean(dim=0)
             self.log_dict({"arch/loss": mean[0], "arch/task_loss": mean[1], "arch/resource_loss": mean[2]})
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)  # the found tree (``found_architecture``)
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        self.log_found_tree()
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        meta = super().checkpoint_metadata()  # with the found tree (``found_architecture``)
         routing = self.model.routing()
-        checkpoint[META_KEY]["bmtas"] = {"routing": routing, "reassigned_groups": reassigned_groups(routing)}
+        meta["bmtas"] = {"routing": routing, "reassigned_groups": reassigned_groups(routing)}
+        return meta
 
     @torch.no_grad()
     def log_distribution(self) -> None:

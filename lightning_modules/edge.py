@@ -11,18 +11,17 @@ from torch import Tensor
 
 from dymu.affinity import load_affinity
 from dymu.backbones.base import Backbone
-from dymu.checkpoint import META_KEY
 from dymu.controller import MeasuredController, Trees, measure_path_losses, same_tree
 from dymu.preference import Preference
 from dymu.regularizer import layer_weights
 from dymu.search_space import Architecture
 from dymu.training import edge_search_loss, preference_tensors, temperature_at
-from lightning_modules.base import PreferenceStage, default_optimizer
+from lightning_modules.base import FrozenAnchorMixin, PreferenceSampler, StageModule, default_optimizer
 
 SEARCHES = ("gumbel", "measured")
 
 
-class EdgeHypernetSearch(PreferenceStage):
+class EdgeHypernetSearch(FrozenAnchorMixin, StageModule):
     """Learns ``h: (r, c) -> log alpha`` with the task loss ``L_task(r)`` plus the regularizer Omega
     (``search: gumbel``, the paper's), or measures the controller that chooses trees exactly and distils it into
     ``h`` (``search: measured``, ``dymu.controller``).
@@ -52,7 +51,7 @@ class EdgeHypernetSearch(PreferenceStage):
             batched forward (G = 1, the default: the paper's one preference per batch; the quickstart uses 8,
             measured in docs/controllability.md; a batch smaller than G gets one preference per sample).
         loss_scales: ``"config"`` (the tasks' ``w_t``) or ``"anchor"`` (``1 / L_t(anchor)``, see
-            ``PreferenceStage``).
+            ``StageModule``).
         layer_weighting: the active loss's layer weights, ``"paper"``, ``"all"`` or ``"none"``
             (``dymu.regularizer.layer_weights``).
         pin_heads: every head keeps its own stream's last block (not searched).
@@ -80,16 +79,17 @@ class EdgeHypernetSearch(PreferenceStage):
                  lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0, val_preferences: int = 4,
                  search: str = "gumbel", base_frugality: float = 0.1, cost_metric: str = "params",
                  floor_break_even: float = 0.9) -> None:
-        super().__init__(optimizer, lr_scheduler, dirichlet_eta, seed, val_preferences, preference_groups,
-                         loss_scales)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, loss_scales=loss_scales)
+        self.sampler = PreferenceSampler(dirichlet_eta, preference_groups, seed)
+        self.seed, self.num_val_preferences = seed, val_preferences
         # seed: not a hyperparameter to log (the data module has its own `seed`, and loggers refuse two values)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "seed"])
-        edge_args: dict[str, Any] = {"embed_dim": embed_dim, "hidden": hidden}
+        self.edge_args: dict[str, Any] = {"embed_dim": embed_dim, "hidden": hidden}
         if pin_heads:
-            edge_args["pin_heads"] = True
+            self.edge_args["pin_heads"] = True
         if c_conditioning != "embedding":
-            edge_args["c_conditioning"] = c_conditioning
-        self.build_on_parent(anchor_checkpoint, task_configs, backbone, "edge", edge_args)
+            self.edge_args["c_conditioning"] = c_conditioning
+        self.configure_stage(task_configs, parent=anchor_checkpoint, backbone=backbone)
         n = self.model.n_tasks
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
@@ -114,6 +114,11 @@ class EdgeHypernetSearch(PreferenceStage):
         self.straight_through = straight_through
         self.register_buffer("affinity", load_affinity(affinity, self.model.tasks).float())
 
+    def configure_models(self, parent: dict[str, Any] | None) -> None:
+        """The anchor checkpoint's model plus a fresh edge hypernet (the anchor frozen)."""
+        assert parent is not None
+        self.model = self.build_on_parent(parent, "edge", self.edge_args)
+
     def temperature(self) -> float:
         total = 0
         if self._trainer is not None and self.temperature_every is None:
@@ -126,7 +131,7 @@ class EdgeHypernetSearch(PreferenceStage):
                               self.temperature_every)
 
     def on_fit_start(self) -> None:
-        super().on_fit_start()
+        super().on_fit_start()  # the loss scales first
         if self.search == "measured":
             self.measure_controller()
 
@@ -180,13 +185,15 @@ class EdgeHypernetSearch(PreferenceStage):
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
+        self.log_tree_costs()
         if self.search == "measured" and self.model.controller.supports.sum() > 0:
             prefs = self.validation_preferences()
             agree = [same_tree(Architecture.from_logits(self.model.edge_logits(p)), self.model.architecture(p))
                      for p in prefs]
             self.log("val/hypernet_agreement", sum(agree) / len(agree))
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        meta = super().checkpoint_metadata()
         if self.calibration is not None:
-            checkpoint[META_KEY]["calibration"] = self.calibration
+            meta["calibration"] = self.calibration
+        return meta

@@ -19,16 +19,14 @@ from dymu.baselines.feature_partitioning import (
 )
 from dymu.checkpoint import META_KEY
 from dymu.model import DynamicMultiTaskModel
-from dymu.preference import TRAINING_ETA, Preference
-from lightning_modules.base import default_optimizer
-from lightning_modules.shared_mtl import BaselineStage
+from lightning_modules.base import StageModule, default_optimizer
 
 METHODS = ("es", "random")
 
 
-class FeaturePartitionTraining(BaselineStage):
+class FeaturePartitionTraining(StageModule):
     """Searches the partition ``P`` (unless one is given), then trains the masked shared network with the
-    uniform preference's ``(1/N) sum_t w_t L_t`` (``BaselineStage``'s objective).
+    uniform preference's ``(1/N) sum_t w_t L_t`` (``StageModule``'s preference objective and validation).
 
     The search runs once, at the start of the first fit (``on_fit_start``), with the anchor of
     ``anchor_checkpoint`` as the single-task teachers: ``search_budget`` candidates, each scored by
@@ -52,7 +50,7 @@ class FeaturePartitionTraining(BaselineStage):
         distill_steps, distill_lr, distill_layers: the distillation (``distillation_score``); ``distill_layers``
             defaults to the last third of the blocks (the paper partitions and distils the last third).
         search_batches, score_batches: training batches for the distillation, validation batches for the score.
-        loss_scales, optimizer, lr_scheduler: see ``BaselineStage``.
+        loss_scales, optimizer, lr_scheduler: see ``StageModule``.
         seed: seeds the search and the distillation students.
     """
 
@@ -66,7 +64,8 @@ class FeaturePartitionTraining(BaselineStage):
                  distill_layers: int | None = None, search_batches: int = 8, score_batches: int = 2,
                  loss_scales: str = "config", optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0) -> None:
-        super().__init__(optimizer, lr_scheduler, TRAINING_ETA, seed, 0, 1, loss_scales, anchor_checkpoint)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, loss_scales=loss_scales,
+                         scales_checkpoint=anchor_checkpoint)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "seed"])
         if search_method not in METHODS:
             raise ValueError(f"search_method must be one of {METHODS}, got {search_method!r}")
@@ -76,17 +75,12 @@ class FeaturePartitionTraining(BaselineStage):
         if partition is None and anchor_checkpoint is None:
             raise ValueError("feature partitioning searches P by distillation from the anchor's single-task "
                              "streams: give anchor_checkpoint (a DYMU run's anchor final.ckpt), or a partition")
-        if anchor_checkpoint is not None:
-            config = self.load_parent(anchor_checkpoint, task_configs, backbone)[META_KEY]["model"]
-            backbone = backbone if backbone is not None else build_backbone(config["backbone"])
-            task_configs = task_configs if task_configs is not None else config["tasks"]
-            input_shape = input_shape if input_shape is not None else config.get("input_shape")
-        if backbone is None or task_configs is None:
+        if anchor_checkpoint is None and (backbone is None or task_configs is None):
             raise ValueError("feature partitioning needs the backbone and the tasks (link them from the data "
                              "module; the CLI does)")
-        self.set_tasks(task_configs)
-        self.model = FeaturePartitionNet(backbone, self.tasks, input_shape, partition=partition)
-        self.backbone = backbone
+        self.anchor_checkpoint, self.seed = anchor_checkpoint, seed
+        self.backbone, self.input_shape, self.initial_partition = backbone, input_shape, partition
+        self.configure_stage(task_configs, parent=anchor_checkpoint, backbone=backbone)
         self.search_settings = {"method": search_method, "budget": search_budget, "diag_penalty": diag_penalty,
                                 "directions": es_directions, "step_size": es_step_size, "noise": es_noise}
         n_layers = self.model.n_layers
@@ -96,14 +90,19 @@ class FeaturePartitionTraining(BaselineStage):
         # persistent: a resumed fit restores it and does not search again
         self.register_buffer("searched", torch.tensor(partition is not None))
 
-    def training_preferences(self) -> list[Preference]:
-        return [Preference.uniform(len(self.tasks))]
+    def configure_models(self, parent: dict[str, Any] | None) -> None:
+        """The masked shared network; the backbone and the input shape default to the anchor checkpoint's."""
+        if parent is not None:
+            config = parent[META_KEY]["model"]
+            self.backbone = self.backbone if self.backbone is not None else build_backbone(config["backbone"])
+            self.input_shape = self.input_shape if self.input_shape is not None else config.get("input_shape")
+        self.model = FeaturePartitionNet(self.backbone, self.tasks, self.input_shape,  # type: ignore[arg-type]
+                                         partition=self.initial_partition)
 
-    def validation_preferences(self) -> list[Preference]:
-        return [Preference.uniform(len(self.tasks))]
+    # training_step, validation: StageModule's, at the uniform preference
 
     def on_fit_start(self) -> None:
-        super().on_fit_start()
+        super().on_fit_start()  # the loss scales first
         if bool(self.searched):
             return
         datamodule = self.trainer.datamodule
@@ -135,11 +134,12 @@ class FeaturePartitionTraining(BaselineStage):
         values.update({f"search/P_{i}_{j}": p[i][j] for i in range(len(p)) for j in range(i, len(p))})
         self.logger.log_metrics(values, step=record["evaluation"])
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint[META_KEY][PARTITION_KEY] = {
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        meta = super().checkpoint_metadata()
+        meta[PARTITION_KEY] = {
             "partition": self.model.partition, "constraints": self.model.constraints.tolist(),
             "channel_shares": self.model.channel_shares().tolist(), "searched": bool(self.searched)}
+        return meta
 
     def on_train_epoch_start(self) -> None:
         # the partition is fixed while the weights train: log it once per epoch with the training metrics

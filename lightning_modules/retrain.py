@@ -12,13 +12,10 @@ from torch import Tensor, nn
 
 from dymu.backbones.base import Backbone
 from dymu.baselines.retrain import RetrainedTreeNet, tree_from_checkpoint
-from dymu.preference import Preference
 from dymu.search_space import Architecture, as_architecture
 from dymu.tasks import Task
-from lightning_modules.base import default_optimizer
+from lightning_modules.base import INITS, FoundTreeMixin, StageModule, check_tree_init, default_optimizer
 from lightning_modules.evaluation import ModulesEvaluation
-from lightning_modules.ltb import INITS, TreeSearchStage
-from lightning_modules.shared_mtl import BaselineStage
 
 TREE_STAGES = ("edge", "weight", "ltb", "bmtas")
 """Stages whose checkpoint ``tree_from: {stage: ...}`` may name (each one a ``<stage>_checkpoint`` argument)."""
@@ -60,9 +57,10 @@ def resolve_tree(architecture: Sequence[Sequence[int]] | None, tree_from: Mappin
     return tree, source
 
 
-class TreeRetraining(TreeSearchStage):
+class TreeRetraining(FoundTreeMixin, StageModule):
     """Trains one fixed tree (``RetrainedTreeNet``) on the uniform preference's objective ``(1/N) sum_t w_t L_t``
-    (the tree searches' objective, ``TreeSearchStage.task_objective``), from the anchor's weights or from scratch.
+    (``StageModule``'s preference objective at the uniform preference, the tree searches' objective), from the
+    anchor's weights or from scratch.
 
     The tree is given as parent lists (``architecture``) or read from a parent stage's checkpoint when the model is
     built (``tree_from``: ``{stage: edge, c: 0.0}`` for ours at the uniform preference, ``{stage: ltb}``,
@@ -94,22 +92,26 @@ class TreeRetraining(TreeSearchStage):
                  ltb_checkpoint: str | None = None, bmtas_checkpoint: str | None = None, loss_scales: str = "config",
                  optimizer: OptimizerCallable = default_optimizer, lr_scheduler: LRSchedulerCallable | None = None,
                  seed: int = 0) -> None:
-        super().__init__(optimizer, lr_scheduler, seed, loss_scales, anchor_checkpoint)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, loss_scales=loss_scales,
+                         scales_checkpoint=anchor_checkpoint)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "seed"])
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         checkpoints = {"edge": edge_checkpoint, "weight": weight_checkpoint, "ltb": ltb_checkpoint,
                        "bmtas": bmtas_checkpoint}
         tree, source = resolve_tree(architecture, tree_from, checkpoints)
-        self.build_supergraph(RetrainedTreeNet, backbone, task_configs, input_shape, init,  # type: ignore[arg-type]
-                              architecture=tree.to_list(), source={**source, "init": init})
-        self.model: RetrainedTreeNet  # type: ignore[assignment]
+        check_tree_init(self.stage_name, init, anchor_checkpoint, backbone, task_configs)
+        self.anchor_checkpoint, self.init = anchor_checkpoint, init
+        self.backbone, self.input_shape = backbone, input_shape
+        self.sizes = {"architecture": tree.to_list(), "source": {**source, "init": init}}
+        self.configure_stage(task_configs, parent=anchor_checkpoint, backbone=backbone)
 
-    def training_preferences(self) -> list[Preference]:
-        return [Preference.uniform(self.model.n_tasks)]
+    def configure_models(self, parent: dict[str, Any] | None) -> None:
+        self.model = self.build_supergraph(RetrainedTreeNet, parent, self.backbone,  # type: ignore[arg-type]
+                                           self.input_shape, self.init, **self.sizes)
 
-    def on_validation_epoch_end(self) -> None:
-        BaselineStage.on_validation_epoch_end(self)  # the task metrics; the tree is fixed
+    # training_step, validation: StageModule's, at the uniform preference; the tree is fixed, so the validation
+    # logs the task metrics only
 
 
 class TaskMetricsEvaluation(ModulesEvaluation):

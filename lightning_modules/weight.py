@@ -6,16 +6,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
 
 from dymu.backbones.base import Backbone
 from dymu.checkpoint import META_KEY
-from dymu.preference import Preference
-from dymu.training import weight_adaptation_loss
-from lightning_modules.base import PreferenceStage, default_optimizer
+from lightning_modules.base import FrozenAnchorMixin, PreferenceSampler, StageModule, default_optimizer
 
 
-class WeightHypernetAdaptation(PreferenceStage):
+class WeightHypernetAdaptation(FrozenAnchorMixin, StageModule):
     """Learns ``h-bar: (r, c) -> (delta_gamma, delta_beta)`` with ``L_task(r)`` on the edge hypernet's
     maximum-likelihood tree for ``(r, c)`` (the tree inference uses).
 
@@ -28,7 +25,7 @@ class WeightHypernetAdaptation(PreferenceStage):
         backbone: optional; if given it must equal the checkpoint's.
         dirichlet_eta: training preferences ``r ~ Dirichlet(eta)``, ``c ~ U(0, 1)``.
         preference_groups: G; the batch is split into G groups, each trained for its own preference.
-        loss_scales: ``"config"`` or ``"anchor"`` (see ``PreferenceStage``).
+        loss_scales: ``"config"`` or ``"anchor"`` (see ``StageModule``).
         embed_dim, hidden: weight hypernet sizes.
         bn_statistics: ``"running"`` (the anchor's statistics, the default; docs/method.md, "Weight hypernet")
             or ``"batch"``.
@@ -44,21 +41,26 @@ class WeightHypernetAdaptation(PreferenceStage):
                  hidden: int = 100, bn_statistics: str = "running", optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0, val_preferences: int = 4
                  ) -> None:
-        super().__init__(optimizer, lr_scheduler, dirichlet_eta, seed, val_preferences, preference_groups,
-                         loss_scales)
+        super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, loss_scales=loss_scales)
+        self.sampler = PreferenceSampler(dirichlet_eta, preference_groups, seed)
+        self.seed, self.num_val_preferences = seed, val_preferences
         # seed: not a hyperparameter to log (the data module has its own `seed`, and loggers refuse two values)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "seed"])
-        ckpt = self.build_on_parent(edge_checkpoint, task_configs, backbone, "weight",
-                                    {"embed_dim": embed_dim, "hidden": hidden, "bn_statistics": bn_statistics})
-        if self.model.edge_hypernet is None:
-            raise ValueError(f"{edge_checkpoint} holds no edge hypernet (stage {ckpt[META_KEY].get('stage')!r}); "
-                             "the weight stage starts from the edge stage's checkpoint")
+        self.weight_args = {"embed_dim": embed_dim, "hidden": hidden, "bn_statistics": bn_statistics}
+        self.configure_stage(task_configs, parent=edge_checkpoint, backbone=backbone)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        out = weight_adaptation_loss(self.model, self.tasks, self.scales, batch, self.training_preferences())
-        self.log("train/loss", out["loss"], prog_bar=True)
-        self.log_task_losses("train", out["losses"])
-        return out["loss"]
+    def configure_models(self, parent: dict[str, Any] | None) -> None:
+        """The edge checkpoint's model plus a fresh weight hypernet (the anchor and the edge hypernet frozen)."""
+        assert parent is not None
+        if parent[META_KEY]["model"].get("edge") is None:
+            raise ValueError(f"{self.parent['path']} holds no edge hypernet (stage "  # type: ignore[index]
+                             f"{parent[META_KEY].get('stage')!r}); the weight stage starts from the edge stage's "
+                             "checkpoint")
+        self.model = self.build_on_parent(parent, "weight", self.weight_args)
 
-    def preference_forward(self, x: Tensor, pref: Preference) -> dict[str, Tensor]:
-        return self.model(x, pref)
+    # training_step: StageModule's preference objective (dymu.training.weight_adaptation_loss) on the step's
+    # preferences (FrozenAnchorMixin.training_preferences)
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        self.log_tree_costs()

@@ -235,7 +235,7 @@ def test_loss_scales_from_an_anchor(tmp_path):
     reference = DynamicMultiTaskModel.from_checkpoint(anchor_ckpt).anchor
     losses = mean_task_losses(lambda x: reference(x), dm.val_dataloader(), module.tasks)
     torch.testing.assert_close(module.scales, 1.0 / losses)
-    assert isinstance(module.model, BaselineModel)  # the anchor was only borrowed
+    assert isinstance(module.model, BaselineModel)  # the anchor is an argument of the calibration, not swapped in
     path = save(trainer, tmp_path / "scaled.ckpt")
     meta = torch.load(path, weights_only=True)["dymu"]
     assert meta["loss_scales_from"] == anchor_ckpt

@@ -7,6 +7,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
+from datamodules.base import holdout_indices
 from dymu.anchor import count_parameters
 from dymu.baselines.base import load_baseline, shared_network
 from dymu.baselines.bmtas import (
@@ -31,7 +32,7 @@ from dymu.baselines.feature_partitioning import (
 from dymu.baselines.ltb import LearnToBranchNet, found_architecture, ltb_temperature
 from dymu.model import DynamicMultiTaskModel
 from dymu.search_space import Architecture
-from lightning_modules.bmtas import BmtasSearch, linear_temperature, split_indices
+from lightning_modules.bmtas import BmtasSearch, linear_temperature
 from lightning_modules.feature_partitioning import FeaturePartitionTraining
 from lightning_modules.ltb import LearnToBranchSearch
 from tests.small_scenes import INPUT, anchor_checkpoint, assert_outputs_equal, backbone, scenes
@@ -233,9 +234,11 @@ def test_bmtas_stage_searches_on_its_split_and_its_checkpoint_reloads(anchor_ckp
                          arch_lr=0.5)
     dm = data()
     trainer = fit(module, tmp_path, steps=5, dm=dm, max_epochs=2, log_every_n_steps=1)
-    weight_part, arch_part = split_indices(20, 0.2, 0)
+    weight_part, arch_part = holdout_indices(20, 0.2, 0)
     assert len(arch_part) == 4 and not set(weight_part) & set(arch_part)
     assert len(dm.train_dataloader().dataset) == 16  # the trainer's batches come from the weight split only
+    assert module.arch_loader.dataset.indices == arch_part  # the data module's holdout: the architecture split
+    assert dm.train_dataloader().dataset.indices == weight_part
     assert module.model.logits.abs().sum() > 0  # two architecture phases ran
     logged = trainer.callback_metrics
     assert {"arch/layer1/task2/stream0", "arch/resource_loss", "arch/expected_cost_fraction"} <= set(logged)
