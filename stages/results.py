@@ -24,6 +24,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from dymu.layout import COMPARE, METRICS
+
 SCHEMA_VERSION = 2
 """Version of ``evaluation/metrics.json`` and ``compare/metrics.json``.
 
@@ -306,7 +308,7 @@ class EvaluationResult:
                 "scored": self.scored, "plots": self.plots}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], source: str | Path = "metrics.json") -> EvaluationResult:
+    def from_json(cls, data: Mapping[str, Any], source: str | Path = METRICS) -> EvaluationResult:
         """The content of ``evaluation/metrics.json`` (``source`` names it in errors). A ``schema_version`` newer
         than :data:`SCHEMA_VERSION` is a one-line ``SchemaError``; a file of version 1 is read by falling back to
         its labels where the structured fields are missing (:meth:`CostSummary.from_json`,
@@ -443,7 +445,7 @@ class ComparisonResult:
         return out
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], source: str | Path = "compare/metrics.json") -> ComparisonResult:
+    def from_json(cls, data: Mapping[str, Any], source: str | Path = f"{COMPARE}/{METRICS}") -> ComparisonResult:
         """The content of ``compare/metrics.json`` (``source`` names it in errors). A ``schema_version`` newer
         than :data:`SCHEMA_VERSION` is a one-line ``SchemaError``; the rows of a version-1 file are read from
         their labels (:meth:`CompareRow.from_json`)."""
