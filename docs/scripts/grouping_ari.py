@@ -9,6 +9,12 @@ activations exactly; about 0: no better than chance). Prints a Markdown table an
 
     python docs/scripts/grouping_ari.py --seeds 0 1 2 --out runs/grouping_ari --init scratch --anchor_steps 20
 
+LTB's figure 3 at its scale: ``--setting a|b|c`` (15 tasks, 5 per activation, Z in R^200, T in R^100; also scored
+against the grouping its figure shows) and ``--paper_net`` (bias-only task layers, 3 child nodes per block):
+
+    python docs/scripts/grouping_ari.py --seeds 0 1 2 --out runs/ltb_fig3/a --searches ltb --anchor_steps 20 \
+        --setting a --paper_net --set data.init_args.phi=input_dim
+
 The searches' sections (step budgets, warm-up, temperatures, learning rates, BMTAS's resource weight) are built
 from the options below; ``--set`` overrides any entry of the pipeline config as ``dymu run --set`` does. Only the
 run seed (``seed_everything``: weights, Gumbel noise, BMTAS's split) changes between seeds; the data (its own
