@@ -23,7 +23,7 @@ from stages.cli import entry_point
 from stages.lineage import LINEAGE_KEY, RunDirectoryBusy, file_hash, run_lock
 from stages.runner import run_pipeline
 from tests.test_pipeline import CSV, ROOT, tiny_config, write
-from tests.test_run_robustness import _children, one_line_error
+from tests.test_run_robustness import one_line_error, start_long_run
 
 
 @pytest.fixture(scope="module")
@@ -206,25 +206,6 @@ def test_a_run_dir_that_is_a_file_is_refused(tmp_path, capsys):
 
 # --- a runner that is killed or interrupted ---------------------------------------------------------------
 
-def _start_long_run(tmp_path: Path) -> tuple[subprocess.Popen, Path, list[int]]:
-    config = tiny_config(steps=100000, logger=CSV)
-    config["data"]["init_args"].update({"num_train": 16, "batch_size": 4})
-    config["anchor"]["checkpoint"] = {"every_n_train_steps": 1000000}
-    cfg = write(config, tmp_path / "pipeline.yaml")
-    run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "stages.cli", "run", "--config", str(cfg), "--run_dir", str(run_dir)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not list((run_dir / "anchor").glob("**/metrics.csv")):
-        time.sleep(0.2)
-    time.sleep(2.0)  # a few training steps
-    children = _children(proc.pid)
-    assert children, "the stage subprocess did not start"
-    return proc, run_dir, children
-
-
 def _gone(pids: list[int], timeout: float = 30.0) -> bool:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -243,7 +224,7 @@ def _state(pid: int) -> str:
 
 @pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_killed_runner_takes_its_stage_process_with_it(tmp_path):
-    proc, _, children = _start_long_run(tmp_path)
+    proc, _, children = start_long_run(tmp_path)
     try:
         proc.send_signal(signal.SIGKILL)  # the runner only: no chance to forward anything
         proc.wait(timeout=30)
@@ -258,7 +239,7 @@ def test_a_killed_runner_takes_its_stage_process_with_it(tmp_path):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_ctrl_c_saves_the_stage_and_prints_one_line(tmp_path):
-    proc, run_dir, children = _start_long_run(tmp_path)
+    proc, run_dir, children = start_long_run(tmp_path)
     try:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group
         out, _ = proc.communicate(timeout=120)

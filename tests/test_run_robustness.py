@@ -197,8 +197,9 @@ def _children(pid: int) -> list[int]:
     return [int(v) for v in out.split()]
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_sigterm_stops_the_stage_with_a_checkpoint_and_no_orphan(tmp_path):
+def start_long_run(tmp_path: Path) -> tuple[subprocess.Popen, Path, list[int]]:
+    """``dymu run`` of a stage that would train for hours, in a new session, once its stage process has taken a
+    few steps: the process, the run directory and the stage process's pid(s)."""
     config = tiny_config(steps=100000, logger=CSV)
     config["data"]["init_args"].update({"num_train": 16, "batch_size": 4})
     config["anchor"]["checkpoint"] = {"every_n_train_steps": 1000000}
@@ -208,14 +209,21 @@ def test_sigterm_stops_the_stage_with_a_checkpoint_and_no_orphan(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list((run_dir / "anchor").glob("**/metrics.csv")):
+        time.sleep(0.2)
+    time.sleep(2.0)  # a few training steps
+    children = _children(proc.pid)
+    if not children:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the stage subprocess did not start")
+    return proc, run_dir, children
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_stops_the_stage_with_a_checkpoint_and_no_orphan(tmp_path):
+    proc, run_dir, children = start_long_run(tmp_path)
     try:
-        deadline = time.time() + 240
-        metrics = run_dir / "anchor"
-        while time.time() < deadline and proc.poll() is None and not list(metrics.glob("**/metrics.csv")):
-            time.sleep(0.2)
-        time.sleep(2.0)  # a few training steps
-        children = _children(proc.pid)
-        assert children, "the stage subprocess did not start"
         proc.send_signal(signal.SIGTERM)  # to the runner only, as a scheduler or `kill` would
         out, _ = proc.communicate(timeout=120)
     finally:
