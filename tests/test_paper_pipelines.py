@@ -108,6 +108,7 @@ def logged_metrics(run_dir: Path) -> dict[str, float]:
     return {k: float(v) for row in rows for k, v in row.items() if k.startswith("val/") and v not in ("", None)}
 
 
+@pytest.mark.slow  # 80 s: the default run keeps tests/test_ddp.py's two-process runs of every stage
 def test_two_process_ddp_validation_sees_every_sample_once(tmp_path: Path) -> None:
     """Every stage trains under 2-process DDP (gloo) on the PASCAL-Context fixture, and validating the
     anchor on an odd number of images under DDP gives the single-process metrics: no sample is padded in
