@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     trainer_device(args.device, 1)  # a device this machine lacks fails before anything trains
 
-    with run_lock(args.run_dir, "compare"):
+    with run_lock(args.run_dir, "compare", create=False):
         result = compare_run(args.run_dir, methods=args.methods, overrides=args.overrides, subsets=args.subsets,
                              max_batches=args.max_batches, device=args.device, baselines_from=args.baselines_from,
                              architectures=args.architectures)

@@ -443,6 +443,6 @@ def main(argv: list[str] | None = None) -> int:
     options.update({k: v for k, v in vars(args).items() if k != "run_dir" and v is not None})
     trainer_device(str(options["device"]), int(options.get("devices") or 1))  # before anything loads
     check_run(args.run_dir)
-    with run_lock(args.run_dir, "evaluate"):
+    with run_lock(args.run_dir, "evaluate", create=False):
         evaluate_run(args.run_dir, **options)
     return 0

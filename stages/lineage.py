@@ -208,9 +208,10 @@ _HELD: dict[str, tuple[int, Any]] = {}  # run directory -> (depth, open lock fil
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: str | Path, command: str) -> Iterator[None]:
+def run_lock(run_dir: str | Path, command: str, create: bool = True) -> Iterator[None]:
     """Hold the run directory's lock for the block (re-entrant in one process). Refuses at once, naming the
-    holder, when another process holds it."""
+    holder, when another process holds it. With ``create=False`` a missing run directory is not created (the
+    command's own check reports it) and the block runs without the lock."""
     layout = RunLayout(run_dir)
     root = layout.root.resolve()
     key = str(root)
@@ -229,6 +230,9 @@ def run_lock(run_dir: str | Path, command: str) -> Iterator[None]:
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"{root} is a file, not a run directory: pass a folder (new, or written by "
                                  "`dymu run`) as --run_dir")
+    if not create and not root.is_dir():
+        yield
+        return
     root.mkdir(parents=True, exist_ok=True)
     path = RunLayout(root).lock_file
     handle = open(path, "a+")  # noqa: SIM115 - held open for the block

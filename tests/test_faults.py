@@ -152,6 +152,9 @@ def test_the_lock_is_reentrant_within_one_process_and_released(tmp_path):
         assert code.returncode != 0 and "RunDirectoryBusy" in code.stderr
     with run_lock(tmp_path / "run", "run"):
         pass
+    with run_lock(tmp_path / "missing", "compare", create=False):
+        pass
+    assert not (tmp_path / "missing").exists(), "a command that only reads a run created its folder"
     with pytest.raises(NotADirectoryError, match="is a file"):
         (tmp_path / "file").write_text("x")
         with run_lock(tmp_path / "file", "run"):
