@@ -35,7 +35,7 @@ CONFIGS = "configs"
 PIPELINE_CONFIG = "pipeline.yaml"
 AFFINITY = "affinity.json"
 AFFINITY_PLOT = "affinity.png"
-AFFINITY_LINEAGE = "affinity.lineage.json"
+LINEAGE_RECORD = "{step}.lineage.json"  # a computed step's record of what it was computed from
 LOCK = ".dymu.lock"
 STALE = "{folder}.stale-{n}"  # a stage's folder set aside because a parent changed under it
 EVALUATION = "evaluation"
@@ -103,9 +103,13 @@ class RunLayout:
     def affinity_plot(self) -> Path:
         return self.root / AFFINITY_PLOT
 
+    def lineage_record(self, step: str) -> Path:
+        """The record of what a computed step's artefacts were computed from (``affinity.lineage.json``)."""
+        return self.root / LINEAGE_RECORD.format(step=step)
+
     @property
     def affinity_lineage(self) -> Path:
-        return self.root / AFFINITY_LINEAGE
+        return self.lineage_record("affinity")
 
     @property
     def lock_file(self) -> Path:

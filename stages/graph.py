@@ -75,10 +75,10 @@ class Stage:
 
     def finished(self, layout: RunLayout, config: dict[str, Any] | None = None) -> bool:
         """Whether the stage's artefacts are there (a computed step's: and made from its present parents)."""
-        if self.name == "affinity":
-            from stages.lineage import affinity_current
+        if not self.trained:
+            from stages.lineage import computed_current
 
-            return affinity_current(layout)
+            return computed_current(layout, self)
         return all(p.is_file() for p in self.artefacts(layout, config))
 
     def model_class(self) -> type:

@@ -29,9 +29,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dymu.layout import RunLayout, relative_config, unreadable
+
+if TYPE_CHECKING:
+    from stages.graph import Stage
 
 LINEAGE_KEY = "dymu_lineage"
 """Top-level key of a stage checkpoint's lineage record."""
@@ -157,28 +160,32 @@ def lineage_from_environment() -> dict[str, Any] | None:
     return None if record is None else record.to_dict()
 
 
-# --- the computed affinity ------------------------------------------------------------------------------------
+# --- computed steps (the affinity) ----------------------------------------------------------------------------
 
-def affinity_lineage(layout: RunLayout) -> Lineage:
-    """The affinity's record: the anchor it was computed from, and its own file's hash (``config``), so that an
-    affinity file cut short or edited since is computed again too."""
-    return Lineage("affinity", file_hash(layout.affinity), {"anchor_checkpoint": file_hash(layout.final("anchor"))})
+def computed_lineage(layout: RunLayout, step: Stage) -> Lineage:
+    """A computed step's record: the hash of each parent stage's finished checkpoint (``<parent>_checkpoint``) and,
+    as ``config``, of its own artefacts, so that a file cut short or edited since it was written is computed
+    again too."""
+    own = ",".join(file_hash(path) for path in step.artefacts(layout))
+    return Lineage(step.name, own, {f"{parent}_checkpoint": file_hash(layout.final(parent)) for parent in step.parents})
 
 
-def affinity_current(layout: RunLayout) -> bool:
-    """Whether the run's affinity exists, is the file that was written, and was computed from the present
-    anchor."""
-    if not layout.affinity.is_file() or not layout.affinity_lineage.is_file() or not layout.final("anchor").is_file():
+def computed_current(layout: RunLayout, step: Stage) -> bool:
+    """Whether a computed step's artefacts exist, are the files it wrote, and were computed from its present
+    parents."""
+    record = layout.lineage_record(step.name)
+    paths = [*step.artefacts(layout), record, *(layout.final(parent) for parent in step.parents)]
+    if not all(path.is_file() for path in paths):
         return False
     try:
-        recorded = Lineage.from_dict(json.loads(layout.affinity_lineage.read_text()))
+        recorded = Lineage.from_dict(json.loads(record.read_text()))
     except (ValueError, OSError):
         return False
-    return recorded is not None and recorded.to_dict() == affinity_lineage(layout).to_dict()
+    return recorded is not None and recorded.to_dict() == computed_lineage(layout, step).to_dict()
 
 
-def record_affinity_lineage(layout: RunLayout) -> None:
-    layout.affinity_lineage.write_text(json.dumps(affinity_lineage(layout).to_dict(), indent=1))
+def record_computed_lineage(layout: RunLayout, step: Stage) -> None:
+    layout.lineage_record(step.name).write_text(json.dumps(computed_lineage(layout, step).to_dict(), indent=1))
 
 
 # --- the evaluation ---------------------------------------------------------------------------------------------

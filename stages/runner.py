@@ -38,7 +38,7 @@ from stages.lineage import (
     evaluation_current,
     expected_lineage,
     read_lineage,
-    record_affinity_lineage,
+    record_computed_lineage,
     run_lock,
     scored_record,
 )
@@ -435,12 +435,11 @@ def run_pipeline(config_path: str | Path, run_dir: str | Path | None = None, eva
                 for folder, _ in spec.instances(config):
                     run_stage(spec.name, configs[folder], layout.root, folder)
             elif not spec.finished(layout):
-                if layout.affinity.is_file() and spec.name == "affinity":
-                    print("[dymu run] affinity: the anchor or the file has changed since it was computed (or it has "
-                          "no record of them): computing it again")
+                if any(path.is_file() for path in spec.artefacts(layout)):
+                    print(f"[dymu run] {spec.name}: its parents or its files have changed since it was computed (or "
+                          "it has no record of them): computing it again")
                 spec.compute_function()(config, layout)
-                if spec.name == "affinity":
-                    record_affinity_lineage(layout)
+                record_computed_lineage(layout, spec)
         if evaluate and "weight" in [s.name for s in plan]:
             evaluate_if_stale(layout, config.get("evaluate") or {})
     return layout.root
