@@ -38,7 +38,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                "--run_dir D (--r R... --c C | --all_trees) [--budget B] --format onnx|torchscript|pt2 --out F",
                "the folded static network of a preference (or every distinct one of a grid), checked against "
                "PyTorch, F.json beside it"),
-    "predict": ("stages.serve:predict_main", "--run_dir D --r R... --c C [--budget B] --out DIR IMAGE_OR_DIR...",
+    "predict": ("stages.serve:predict_main", "(--run_dir D --r R... --c C [--budget B] | --model F) --out DIR "
+                "(IMAGE_OR_DIR... | --test_images N)",
                 "per-task outputs of images: segmentation / depth / normals PNGs, class scores JSON"),
     "info": ("stages.info:main", "--config P.yaml [--set KEY=VALUE] | --stages",
              "sizes without data or training, beside the paper's (tables 1-4); the stage table"),

@@ -43,6 +43,24 @@ def parse_r(values: Sequence[str]) -> list[float]:
         raise ValueError(f"--r takes one number per task (e.g. --r 0.8 0.1 0.1), got {' '.join(values)!r}") from err
 
 
+def check_preference(r: Sequence[float], c: float, tasks: Sequence[str]) -> None:
+    """Raise ``ValueError`` in the command line's terms when ``(r, c)`` is not a preference of a model with
+    ``tasks``: one weight per task, each finite and >= 0, summing to 1; ``c`` in [0, 1]."""
+    from dymu.preference import SUM_TOLERANCE
+
+    given = " ".join(f"{v:g}" for v in r)
+    if len(r) != len(tasks):
+        raise ValueError(f"--r takes one weight per task: the run's model has {len(tasks)} tasks "
+                         f"({', '.join(tasks)}), got {len(r)} ({given})")
+    if not all(math.isfinite(v) and v >= 0 for v in r):
+        raise ValueError(f"--r weights must be finite and >= 0, got {given}")
+    if abs(sum(r) - 1.0) > SUM_TOLERANCE:
+        raise ValueError(f"--r must sum to 1 (a point of the task simplex), got {given} (sum {sum(r):.6g}); e.g. "
+                         f"--r {' '.join(['1/' + str(len(tasks))] * len(tasks))} for the uniform preference")
+    if not (math.isfinite(c) and 0.0 <= c <= 1.0):
+        raise ValueError(f"--c must be a number in [0, 1] (0 most accurate, 1 most frugal), got {c:g}")
+
+
 def add_preference_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--run_dir", required=required, help="a run directory written by `dymu run`")
     parser.add_argument("--r", nargs="+", required=required,
@@ -93,8 +111,7 @@ class Served:
            budget_metric: str = "params") -> Served:
         from dymu.search_space import Architecture
 
-        if not math.isfinite(c):
-            raise ValueError(f"--c must be a number in [0, 1], got {c}")
+        check_preference(r, c, model.tasks)
         pref = model.preference(r, c)
         arch = model.architecture(pref, budget=budget, budget_metric=budget_metric)
         costs = model.node_costs()
@@ -129,7 +146,7 @@ class Served:
                 "params_fraction": self.cost["params"] / self.anchor_cost["params"],
                 "gflops_fraction": self.cost["flops"] / self.anchor_cost["flops"],
                 "input_shape": list(self.model.input_shape) if self.model.input_shape else None,
-                "normalisation": NORMALISATION, "run_dir": str(self.run_dir)}
+                "normalisation": NORMALISATION, "run_dir": str(self.run_dir.resolve())}
 
     def header(self) -> str:
         return f"{self.preference_text()}: tree {self.architecture}; {self.cost_text()}"
@@ -202,21 +219,39 @@ def show_grid(model: DynamicMultiTaskModel, run_dir: Path, budget: float | None,
 # ---------------------------------------------------------------- export
 
 
+def test_split_images(run_dir: Path, count: int) -> Tensor:
+    """The first ``count`` images of the run's test split (fewer if it holds fewer), as the model takes them;
+    ``ValueError`` naming the cause when the run's data cannot be built here."""
+    import torch
+
+    from stages.common import build_data
+    from stages.evaluate import run_data_config
+
+    images: list[Tensor] = []
+    try:
+        data = build_data(run_data_config(run_dir))
+        data.setup("test")
+        for batch in data.test_dataloader():
+            images += list(batch["image"][:count - len(images)])
+            if len(images) >= count:
+                break
+    except (FileNotFoundError, ValueError, OSError, KeyError) as err:
+        raise ValueError(f"the test data of run {run_dir} is not available here ({' '.join(str(err).split())})") \
+            from err
+    if not images:
+        raise ValueError(f"the test split of run {run_dir} holds no images")
+    return torch.stack(images).float()
+
+
 def real_images(run_dir: Path, count: int) -> Tensor | None:
     """Up to ``count`` images of the run's test split (None when the run's data cannot be built here)."""
     if count < 1:
         return None
-    from stages.common import build_data
-    from stages.evaluate import run_data_config
-
     try:
-        data = build_data(run_data_config(run_dir))
-        data.setup("test")
-        images = next(iter(data.test_dataloader()))["image"]
-    except (FileNotFoundError, ValueError, OSError, StopIteration, KeyError) as err:
-        print(f"check on real inputs skipped: the run's test data is not available here ({err})")
+        return test_split_images(run_dir, count)
+    except ValueError as err:
+        print(f"check on real inputs skipped: {err}")
         return None
-    return images[:count].float()
 
 
 EXPORT_SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "pt2": ".pt2"}
@@ -457,11 +492,13 @@ def check_image(path: Path, input_shape: Sequence[int]) -> None:
     try:
         with Image.open(path) as image:
             mode, size = image.mode, image.size
-    except (UnidentifiedImageError, OSError) as err:
+            image.load()  # decodes the pixels: a truncated or corrupt file fails here, before anything is written
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from err
     if mode not in CHANNEL_MODES.get(channels, ()):
         expected = "/".join(CHANNEL_MODES.get(channels, ("?",)))
-        raise ValueError(f"image {path} is {mode} ({Image.getmodebands(mode)} channels); the model takes "
+        bands = Image.getmodebands(mode)
+        raise ValueError(f"image {path} is {mode} ({bands} channel{'s' if bands != 1 else ''}); the model takes "
                          f"{channels}-channel images ({expected})")
     if size != (width, height):
         raise ValueError(f"image {path} is {size[0]}x{size[1]} (width x height); the model takes {width}x{height}")
@@ -472,11 +509,30 @@ def read_image(path: Path, channels: int) -> Tensor:
     import torch
     from PIL import Image
 
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB" if channels == 3 else "L"), dtype=np.float32)
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB" if channels == 3 else "L"), dtype=np.float32)
+    except (OSError, SyntaxError, ValueError) as err:  # changed or removed since check_image
+        raise ValueError(f"cannot read image {path}: {err}") from err
     tensor = torch.from_numpy(array.copy())
     tensor = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
     return tensor / 127.5 - 1.0
+
+
+def write_images(images: Tensor, folder: Path) -> list[Path]:
+    """Images as the model takes them (``(B, C, H, W)`` in [-1, 1]) written as 8-bit PNGs ``test_000.png``, ...
+    (``read_image`` reads them back to within one grey level)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, x in enumerate(images):
+        array = ((x.float() + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        path = folder / f"test_{i:03d}.png"
+        Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array, "L" if array.shape[-1] == 1 else "RGB"
+                        ).save(path)
+        paths.append(path)
+    return paths
 
 
 def palette(n: int = 256) -> list[int]:
@@ -544,11 +600,19 @@ def predict_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="a file written by `dymu export` (its F.json beside it)")
     parser.add_argument("--out", required=True, help="output folder: OUT/<task>/<image name>.png|json")
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("inputs", nargs="+", help="image files or folders of images")
+    parser.add_argument("--test_images", type=int, default=0, metavar="N",
+                        help="also the first N images of the run's test split (with --model: of the run named in "
+                             "its JSON), written as OUT/inputs/test_000.png, ... and predicted like the other files")
+    parser.add_argument("inputs", nargs="*", help="image files or folders of images")
     args = parser.parse_args(argv)
     args.command = "dymu predict"
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.test_images < 0:
+        raise ValueError(f"--test_images must be at least 0, got {args.test_images}")
+    if not args.inputs and not args.test_images:
+        raise ValueError("no input images given: pass image files or folders, or --test_images N for images of the "
+                         "run's test split")
     if args.model is not None:
         if args.run_dir is not None or args.r is not None or args.c is not None or args.budget is not None:
             raise ValueError("pass either --model (an exported file, whose preference is fixed) or --run_dir with "
@@ -570,9 +634,18 @@ def predict_main(argv: list[str] | None = None) -> int:
     shape = summary["input_shape"]
     if shape is None or len(shape) != 3:
         raise ValueError(f"dymu predict reads images; this model takes inputs of shape {shape}")
-    files = image_files(args.inputs)
+    files = image_files(args.inputs) if args.inputs else []
     for path in files:  # every input is checked before anything is computed or written
         check_image(path, shape)
+    if args.test_images:
+        run_dir = Path(args.run_dir) if args.run_dir is not None else Path(summary.get("run_dir") or "")
+        if args.run_dir is None and not run_dir.is_dir():
+            raise FileNotFoundError(f"--test_images reads the run that {args.model} was exported from, "
+                                    f"{summary.get('run_dir')}, which is not here: pass image files instead")
+        images = test_split_images(run_dir, args.test_images)
+        if tuple(images.shape[1:]) != tuple(shape):
+            raise ValueError(f"the run's test images are {tuple(images.shape[1:])}; the model takes {tuple(shape)}")
+        files += write_images(images, Path(args.out) / "inputs")
     print(header)
     predict_files(files, predict, summary["tasks"], int(shape[0]), Path(args.out), args.batch_size)
     (Path(args.out) / "predict.json").write_text(json.dumps({**summary, "inputs": [str(p) for p in files]},

@@ -231,6 +231,7 @@ def test_export_round_trip_equals_pytorch(run_dir, model, tmp_path, fmt, capsys)
     cost = model.cost(R, C)
     assert record["params"] == cost["params"] and record["gflops"] == pytest.approx(cost["flops"] / 1e9)
     assert record["input_shape"] == list(IMAGE) and [t["name"] for t in record["tasks"]] == model.tasks
+    assert record["run_dir"] == str(run_dir.resolve())
     assert record["folded_batchnorms"] == count_batchnorms(model.specialize(R, C))
     assert set(record["check"]) == ({"random", "real"} if fmt == "onnx" else {"random"})
     assert record["max_check_error"] <= 1e-4
@@ -344,6 +345,10 @@ def bad_image(folder, name, mode, size):
     ("c_range", "[0, 1]"),
     ("budget_range", "budget"),
     ("unreadable", "cannot read image"),
+    ("truncated", "cannot read image"),
+    ("negative_r", ">= 0"),
+    ("nan_c", "[0, 1]"),
+    ("no_inputs", "no input images given"),
     ("wrong_size", "the model takes 16x16"),
     ("wrong_channels", "the model takes 3-channel"),
     ("no_stage", "no finished edge or weight stage"),
@@ -364,6 +369,17 @@ def test_bad_input_is_one_line_and_exit_1(run_dir, scene_files, tmp_path, capsys
     elif case == "unreadable":
         (tmp_path / "broken.png").write_text("not an image")
         inputs.append(str(tmp_path / "broken.png"))
+    elif case == "truncated":  # a valid header, the pixels cut short: found before anything is written
+        whole = sorted(scene_files.glob("*.png"))[0].read_bytes()
+        (tmp_path / "cut.png").write_bytes(whole[:len(whole) // 2])
+        inputs.append(str(tmp_path / "cut.png"))
+        expected = f"cannot read image {tmp_path / 'cut.png'}"
+    elif case == "negative_r":
+        r = ["1.2", "-0.2", "0"]
+    elif case == "nan_c":
+        c = "nan"
+    elif case == "no_inputs":
+        inputs = []
     elif case == "wrong_size":
         inputs.append(str(bad_image(tmp_path, "big.png", "RGB", (32, 16))))
     elif case == "wrong_channels":
@@ -380,7 +396,27 @@ def test_bad_input_is_one_line_and_exit_1(run_dir, scene_files, tmp_path, capsys
     code = entry_point(["predict", "--run_dir", run, *preference, *extra, "--out", str(out), *inputs])
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.count("\n") == 0 and err.startswith("dymu predict: error:") and expected in err, err
+    assert "normalize=True" not in err, "a command line error names the command's options, not the Python API"
     assert not out.exists(), "nothing is written when an input is bad"
+
+
+def test_predict_on_the_runs_test_images(run_dir, model, tmp_path):
+    """``--test_images N``: the run's first N test images written as PNGs and predicted as files are."""
+    out = tmp_path / "pred"
+    args = ["predict", "--run_dir", str(run_dir), "--r", *map(str, R), "--c", str(C), "--out", str(out),
+            "--test_images", "5", "--batch_size", "2"]
+    assert entry_point(args) == 0
+    names = [f"test_{i:03d}" for i in range(5)]
+    assert sorted(p.stem for p in (out / "inputs").iterdir()) == names
+    for task in model.tasks:
+        assert sorted(p.stem for p in (out / task).iterdir()) == names
+    images = read_back(out / "inputs")
+    torch.testing.assert_close(images, scene_images()[:5], atol=1 / 127.5, rtol=0)  # 8-bit copies of the split
+    with torch.no_grad():
+        expected = model(images, R, C)["semseg"].argmax(1).numpy()
+    labels = np.stack([np.asarray(Image.open(out / "semseg" / f"{n}.png")) for n in names])
+    assert (labels == expected).mean() > 0.999
+    assert len(json.loads((out / "predict.json").read_text())["inputs"]) == 5
 
 
 def test_dymu_show_grid_draws_the_uniform_and_one_hot_trees_at_three_costs(run_dir, model, tmp_path, capsys):
