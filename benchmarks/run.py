@@ -71,6 +71,7 @@ from benchmarks.networks import (  # noqa: E402
     weight_groups,
 )
 from benchmarks.static import SingleTaskNet, StaticTree  # noqa: E402
+from benchmarks.trials import KEPT_K, TRIAL_ROWS, measure_in_child  # noqa: E402
 from dymu.evaluation import Evaluated, LossSums, configuration_forwards, protocol_variants  # noqa: E402
 from dymu.preference import evaluation_preferences  # noqa: E402
 from dymu.search_space import Architecture  # noqa: E402
@@ -93,12 +94,14 @@ DEPLOY_ROWS = [(row, variant) for variant in DEPLOY_BATCHES
               [("deploy_latency_vs_gflops", f"uniform r, {variant}") for variant in DEPLOY_BATCHES]
 
 
-SECTIONS = ("training", "evaluation", "latency", "switch", "deploy", "loading")
+SECTIONS = ("training", "evaluation", "latency", "switch", "deploy", "loading", "trials")
+TRIALS_NETWORKS = ("quickstart", "synthetic_regression")  # the trials rows' networks (all: --trials_all or a GPU)
 
 
 def expected_rows(network: Network) -> list[tuple[str, str]]:
     """Every ``(row, variant)`` a network's results hold (a row that cannot run is there, ``skipped``)."""
-    return TRAIN_ROWS + OTHER_ROWS + DEPLOY_ROWS + (LOADING_ROWS if network.loading is not None else [])
+    return TRAIN_ROWS + OTHER_ROWS + DEPLOY_ROWS + (LOADING_ROWS if network.loading is not None else []) + \
+        (TRIAL_ROWS if network.name in TRIALS_NETWORKS else [])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -668,6 +671,21 @@ def measure_deploy(res: Results, model: Any, batch: dict[str, Tensor], args: arg
 
 
 # ---------------------------------------------------------------------------------------------------------
+# sweep trials batched in one process (benchmarks/trials.py, in child processes)
+
+
+def measure_trials(res: Results, net: Network, args: argparse.Namespace, device: torch.device) -> None:
+    """K = 1, 6, 24 trials of the edge and weight stages batched against their steps one after another, then
+    K = 6 of the edge stage again with the freed memory kept (``retain_freed_memory``); each set in a child
+    process, so that no allocator setting reaches the other rows."""
+    for kept in (False, True):
+        for r in measure_in_child(net, args.quick, device, kept):
+            peak = (r["peak"][0], r["peak"][1]) if r.get("peak") else None
+            res.add(r["row"], r["variant"], r["times"], peak, vs=tuple(r["vs"]) if r["vs"] else None,
+                    ref_times=r["ref_times"], note=r["note"], **r["extra"])
+
+
+# ---------------------------------------------------------------------------------------------------------
 # one network, targets, output
 
 
@@ -693,6 +711,8 @@ def measure_network(net: Network, args: argparse.Namespace, device: torch.device
     if net.loading is not None:
         sections.append(("loading", lambda: measure_loading(res, net, config, args, folder / net.name, dm),
                          LOADING_ROWS))
+    if net.name in TRIALS_NETWORKS or args.trials_all or device.type == "cuda":
+        sections.append(("trials", lambda: measure_trials(res, net, args, device), TRIAL_ROWS))
     for name, run, rows in sections:
         if args.sections and name not in args.sections:
             continue
@@ -757,6 +777,15 @@ def targets(results: list[Results], device: torch.device) -> list[dict[str, Any]
                 x["worst_off"] if x else None, "|.| <= 0.05", x is not None and abs(x["worst_off"]) <= 0.05,
                 f"{worst['point']}: latency {worst['latency_ratio']:.3f}x, GFLOPs {worst['flops_ratio']:.3f}x"
                 if worst else "")
+        batched = res.get("trials_edge_step", f"batched K={KEPT_K}")
+        value = batched["extra"].get("throughput_ratio") if batched and batched["status"] == "ok" else None
+        gpu = device.type == "cuda"
+        add(res.network, f"K = {KEPT_K} edge trials batched: throughput / {KEPT_K} separate steps", value,
+            ">= 4 (GPU)" if gpu else ">= 1.5 (CPU)", value is not None and value >= (4.0 if gpu else 1.5),
+            f"{batched['extra']['trials_per_s']:.1f} trials/s batched" + (
+                f"; with the freed memory kept {kept['extra']['throughput_ratio']:.2f}x"
+                if (kept := res.get("trials_edge_step", f"batched K={KEPT_K}, malloc kept")) and kept["status"] == "ok"
+                else "") if value is not None else "")
         cached = res.get("preference_switch", "cached")
         value = cached["median_ms"] if cached else None
         add(res.network, "cached preference switch (ms)", value, "< 10" + (" (CPU)" if device.type == "cpu" else ""),
@@ -835,6 +864,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the torch.compile rows of every network on CPU too (by default only the small ones)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS,
                         help="only these sections' rows (default: all); with --update the others are kept")
+    parser.add_argument("--trials_all", action="store_true",
+                        help="the trials rows for every network on CPU too (by default: " +
+                             ", ".join(TRIALS_NETWORKS) + ")")
     parser.add_argument("--update", action="store_true",
                         help="replace only the measured rows in an existing result file (the others, from an "
                              "earlier run, are kept; settings.runs says which run measured which)")

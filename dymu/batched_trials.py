@@ -194,9 +194,13 @@ class StackedAdam:
         self.beta2 = column([s.betas[1] for s in self.settings])
         self.eps = column([s.eps for s in self.settings])
         self.weight_decay = column([s.weight_decay for s in self.settings])
-        self.steps = [torch.zeros(k, dtype=dtype, device=device) for _ in self.params]
-        self.exp_avg = [torch.zeros_like(p) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        # the state of every parameter flattened into one (K, P) tensor each: a step is a fixed number of
+        # operations, however many parameters (heads) the hypernet has
+        self.counts = [p[0].numel() for p in self.params]
+        total = sum(self.counts)
+        self.steps = torch.zeros(k, len(self.params), dtype=dtype, device=device)  # per trial and parameter
+        self.exp_avg = torch.zeros(k, total, dtype=dtype, device=device)
+        self.exp_avg_sq = torch.zeros(k, total, dtype=dtype, device=device)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -204,40 +208,52 @@ class StackedAdam:
 
     @torch.no_grad()
     def step(self, active: Sequence[Tensor | None] | None = None) -> None:
-        """One Adam step of every trial's slice of every parameter, or of the slices ``active`` marks."""
-        for i, (p, m, v) in enumerate(zip(self.params, self.exp_avg, self.exp_avg_sq)):
-            if p.grad is None:
-                continue
+        """One Adam step of every trial's slice of every parameter, or of the slices ``active`` marks (a
+        parameter without a gradient is skipped for every trial)."""
+        k = len(self.settings)
+        device = self.exp_avg.device
+        columns = []
+        for i, p in enumerate(self.params):
             mask = None if active is None else active[i]
-            if mask is not None and bool(mask.all()):
-                mask = None
-            if mask is not None and not bool(mask.any()):
-                continue
-            shape = (-1,) + (1,) * (p.ndim - 1)
-            self.steps[i] += 1 if mask is None else mask.to(self.steps[i].dtype)
-            t = self.steps[i].clamp_min(1)  # a trial that never stepped: masked below
-            bias1 = 1 - self.beta1 ** t
-            bias2_sqrt = (1 - self.beta2 ** t).sqrt()
-            step_size = (self.lr / bias1).view(shape)
-            grad = p.grad + self.weight_decay.view(shape) * p
-            new_m = m.lerp(grad, (1 - self.beta1).view(shape).expand_as(m))
-            new_v = (v * self.beta2.view(shape)).addcmul_(grad, grad * (1 - self.beta2).view(shape))
-            denom = (new_v.sqrt() / bias2_sqrt.view(shape)).add_(self.eps.view(shape))
-            new_p = p.addcdiv(new_m * step_size, denom, value=-1.0)
-            if mask is None:
-                m.copy_(new_m)
-                v.copy_(new_v)
-                p.copy_(new_p)
+            if p.grad is None:
+                columns.append(torch.zeros(k, dtype=torch.bool, device=device))
             else:
-                keep = mask.view(shape)
-                m.copy_(torch.where(keep, new_m, m))
-                v.copy_(torch.where(keep, new_v, v))
-                p.copy_(torch.where(keep, new_p, p))
+                columns.append(torch.ones(k, dtype=torch.bool, device=device) if mask is None else mask.to(device))
+        kept = torch.stack(columns, dim=1)  # (K, parameters)
+        if not bool(kept.any()):
+            return
+        every = bool(kept.all())
+        counts = torch.tensor(self.counts, device=device)
+        keep = None if every else torch.repeat_interleave(kept, counts, dim=1)  # (K, P)
+        flat = torch.cat([p.detach().reshape(k, -1) for p in self.params], dim=1)
+        grad = torch.cat([torch.zeros_like(p).reshape(k, -1) if p.grad is None else p.grad.reshape(k, -1)
+                          for p in self.params], dim=1)
+        col = (-1, 1)
+        self.steps += kept.to(self.steps.dtype)
+        t = self.steps.clamp_min(1)  # a slice that never stepped: not kept below
+        bias1 = torch.repeat_interleave(1 - self.beta1.view(col) ** t, counts, dim=1)
+        bias2_sqrt = torch.repeat_interleave((1 - self.beta2.view(col) ** t).sqrt(), counts, dim=1)
+        grad = grad + self.weight_decay.view(col) * flat
+        new_m = self.exp_avg.lerp(grad, (1 - self.beta1).view(col).expand_as(grad))
+        new_v = (self.exp_avg_sq * self.beta2.view(col)).addcmul_(grad, grad * (1 - self.beta2).view(col))
+        denom = (new_v.sqrt() / bias2_sqrt).add_(self.eps.view(col))
+        new_flat = flat.addcdiv(new_m * (self.lr.view(col) / bias1), denom, value=-1.0)
+        if keep is None:
+            self.exp_avg, self.exp_avg_sq = new_m, new_v
+        else:
+            self.exp_avg = torch.where(keep, new_m, self.exp_avg)
+            self.exp_avg_sq = torch.where(keep, new_v, self.exp_avg_sq)
+            new_flat = torch.where(keep, new_flat, flat)
+        for p, chunk in zip(self.params, new_flat.split(self.counts, dim=1)):
+            p.copy_(chunk.view_as(p))
 
     def state_of(self, k: int) -> dict[str, Any]:
         """Trial ``k``'s moments and step counts (one per parameter)."""
-        return {"steps": [int(s[k]) for s in self.steps], "exp_avg": [m[k].clone() for m in self.exp_avg],
-                "exp_avg_sq": [v[k].clone() for v in self.exp_avg_sq]}
+        def per_parameter(state: Tensor) -> list[Tensor]:
+            return [chunk[k].view_as(p[k]).clone() for p, chunk in zip(self.params, state.split(self.counts, dim=1))]
+
+        return {"steps": [int(v) for v in self.steps[k]], "exp_avg": per_parameter(self.exp_avg),
+                "exp_avg_sq": per_parameter(self.exp_avg_sq)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -349,13 +365,15 @@ def batched_edge_search_loss(anchor: AnchorNet, hypernets: StackedHypernets, tas
     images = image if isinstance(batches, Mapping) and k == 1 else torch.cat([b["image"] for b in trial_batches])
     outputs = anchor(images, samples=per_sample)
     trial_scales = scales if scales.ndim == 2 else scales.expand(k, -1)
+    # one split per output (its backward is one concatenation), not K x G slices (each slice's backward would
+    # write a zero tensor of the whole output: quadratic in K)
+    chunks = {name: out.split(sizes.tolist()) for name, out in outputs.items()}
     task_terms = []
     for t in range(k):
-        offset = t * batch_size
         terms = []
         for gi, part in enumerate(parts):
-            rows = slice(offset + part.start, offset + part.stop)
-            losses = task_losses(list(tasks), batch_slice(outputs, rows), batch_slice(trial_batches[t], part))
+            group = {name: chunk[t * g + gi] for name, chunk in chunks.items()}
+            losses = task_losses(list(tasks), group, batch_slice(trial_batches[t], part))
             terms.append(preference_loss(losses, r[t, gi], trial_scales[t]))
         task_terms.append(torch.stack(terms).mean())
     reg = _batched_omega(soft, r, c, affinity, regularizers)
@@ -391,16 +409,17 @@ def _batched_omega(soft: Tensor, r: Tensor, c: Tensor, affinity: Tensor,
 def batched_weight_adaptation_loss(anchor: AnchorNet, hypernets: StackedHypernets,
                                    trees: Sequence[Callable[[Preference], Architecture]], tasks: Sequence[Task],
                                    scales: Tensor, batches: Batch | Sequence[Batch],
-                                   prefs: Sequence[Sequence[Preference]], bn_statistics: str = "running"
-                                   ) -> dict[str, Tensor]:
+                                   prefs: Sequence[Sequence[Preference]], bn_statistics: str = "running",
+                                   vmap_trees: bool = False) -> dict[str, Tensor]:
     """``dymu.training.weight_adaptation_loss`` of K trials at once: ``loss`` ``(K,)``, ``losses`` ``(K, N)`` and
     ``active_heads`` ``(K, heads)``, whether head i's BatchNorm (``bn_names[i]``) is in one of trial k's trees of
     this step (the heads whose parameters get a gradient in a single trial's step).
 
     The K x G BatchNorm shifts come from one stacked call of the weight hypernets; each trial's tree for each of
     its preferences from ``trees[k]`` (its own frozen edge hypernet or controller: ``model.architecture`` of the
-    trial's edge-stage model). The frozen anchor is shared. Groups of one tree (over trials and preferences) run
-    as one ``vmap`` over their shifts when their sub-batches have one size; the others one call each.
+    trial's edge-stage model). The frozen anchor is shared; each (trial, group) runs its tree as one call, or with
+    ``vmap_trees`` the groups of one tree (over trials and preferences, sub-batches of one size) as one ``vmap``
+    over their shifts (equal, tested; slower on CPU: docs/performance.md).
     """
     k = hypernets.trials
     trial_batches = _trial_batches(batches, k)
@@ -424,7 +443,7 @@ def batched_weight_adaptation_loss(anchor: AnchorNet, hypernets: StackedHypernet
     context = batch_statistics(anchor) if bn_statistics == "batch" else nullcontext()
     with context:
         for (arch, _), members in jobs.items():
-            if len(members) == 1 or bn_statistics == "batch":
+            if len(members) == 1 or bn_statistics == "batch" or not vmap_trees:
                 for t, gi in members:
                     sub = batch_slice(trial_batches[t], parts[gi])
                     shifts = {name: (dg[t, gi], db[t, gi]) for name, (dg, db) in deltas.items()}
@@ -549,14 +568,15 @@ class BatchedWeightTrials:
 
     def __init__(self, anchor: AnchorNet, hypernets: Sequence[nn.Module],
                  trees: Sequence[Callable[[Preference], Architecture]], trials: Sequence[WeightTrial],
-                 tasks: Sequence[Task], scales: Tensor, bn_statistics: str = "running") -> None:
+                 tasks: Sequence[Task], scales: Tensor, bn_statistics: str = "running", vmap_trees: bool = False
+                 ) -> None:
         if not len(hypernets) == len(trees) == len(trials):
             raise ValueError("batched weight trials need one hypernet, one tree function and one setting per trial")
         if len({t.preference_groups for t in trials}) != 1:
             raise ValueError("batched weight trials need one preference_groups for every trial")
         self.anchor = anchor.eval().requires_grad_(False)
         self.trees, self.trials, self.tasks = list(trees), list(trials), list(tasks)
-        self.scales, self.bn_statistics = scales, bn_statistics
+        self.scales, self.bn_statistics, self.vmap_trees = scales, bn_statistics, vmap_trees
         self.hypernets = StackedHypernets(hypernets)
         self.optimizer = StackedAdam(self.hypernets.stacked, [t.optimizer for t in trials])
         self.global_step = 0
@@ -566,7 +586,7 @@ class BatchedWeightTrials:
         n = self.anchor.n_tasks
         return batched_weight_adaptation_loss(self.anchor, self.hypernets, self.trees, self.tasks, self.scales,
                                               batches, [t.preferences(n, step) for t in self.trials],
-                                              self.bn_statistics)
+                                              self.bn_statistics, self.vmap_trees)
 
     def active(self, heads: Tensor) -> list[Tensor | None]:
         """Per stacked parameter, the trials whose slice gets a gradient: head i's when its BatchNorm's node is
@@ -598,6 +618,22 @@ def train_trials(trials: BatchedEdgeTrials | BatchedWeightTrials, batches: Itera
             on_step(trials.global_step, values)
 
 
+def retain_freed_memory() -> bool:
+    """Keep freed memory in the process (glibc): ``mallopt`` an mmap threshold of 32 MiB and a trim threshold of
+    1 GiB, so that the large activations of a K-trial step are reused from one step to the next instead of being
+    returned to the system and faulted in again (measured on the quickstart at K = 6: about 11,000 page faults and
+    a fifth of the step without it; docs/performance.md, "Trials batched in one process"). A process-wide
+    setting, for a process that trains batched trials; returns False where ``mallopt`` is not available."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
 __all__ = ["AdamSettings", "BatchedEdgeTrials", "BatchedWeightTrials", "EdgeTrial", "StackedAdam",
            "StackedHypernets", "WeightTrial", "batched_edge_search_loss", "batched_weight_adaptation_loss",
-           "draw_preferences", "gumbel_noise", "noise_generator", "train_trials"]
+           "draw_preferences", "gumbel_noise", "noise_generator", "retain_freed_memory", "train_trials"]

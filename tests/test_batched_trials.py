@@ -288,13 +288,13 @@ def test_weight_trials_share_trees_across_trials():
     assert len({models[2].architecture(p) for s in range(STEPS) for p in WEIGHT_TRIALS[2].preferences(3, s)}) > 1
 
 
-@pytest.mark.parametrize("bn_statistics", ["running", "batch"])
-def test_batched_weight_training_equals_separate_training(bn_statistics):
+@pytest.mark.parametrize("bn_statistics,vmap_trees", [("running", False), ("running", True), ("batch", False)])
+def test_batched_weight_training_equals_separate_training(bn_statistics, vmap_trees):
     anchor = anchor_net()
     models = weight_models(anchor, bn_statistics)
     initial = [copy.deepcopy(m.weight_hypernet) for m in models]
     batched = BatchedWeightTrials(anchor, initial, [m.architecture for m in models], WEIGHT_TRIALS, TASKS, SCALES,
-                                  bn_statistics=bn_statistics)
+                                  bn_statistics=bn_statistics, vmap_trees=vmap_trees)
     # step 0: losses and gradients
     out = batched.loss(trial_batches(0), step=0)
     out["loss"].sum().backward()
