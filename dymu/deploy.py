@@ -58,10 +58,33 @@ def _foldable(layer: nn.Module, bn: nn.Module) -> bool:
             and (layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels) == bn.num_features)
 
 
+class ChannelBias(nn.Module):
+    """``x + bias`` per channel (dim 1) of an ``N, C, *spatial`` input: the bias of a folded dilated convolution,
+    added after it (see ``folded_pair``)."""
+
+    def __init__(self, bias: Tensor, spatial_dims: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(bias)
+        self.shape = (1, -1, *[1] * spatial_dims)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.bias.reshape(self.shape)
+
+
+def _dilated(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.modules.conv._ConvNd) and any(d != 1 for d in layer.dilation)
+
+
 @torch.no_grad()
-def folded_layer(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
-    """A copy of ``layer`` (conv or linear) that computes ``bn(layer(x))`` in eval mode (in float64, then cast
-    back to the layer's dtype)."""
+def folded_pair(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> tuple[nn.Module, nn.Module]:
+    """What replaces ``layer`` (conv or linear) and ``bn``: together they compute ``bn(layer(x))`` in eval mode
+    (folded in float64, then cast back to the layer's dtype).
+
+    Usually the folded layer with a bias, and ``nn.Identity`` for ``bn``. A dilated convolution instead stays
+    bias-free and the bias is added after it (``ChannelBias`` in ``bn``'s place): where oneDNN is not used (on
+    CPU a float input of batch 1 with a small image and a 3x3 kernel) PyTorch runs a dilated convolution as
+    ``slow_conv_dilated2d``, which adds a bias channel by channel (a ``select`` and a ``fill_`` per output
+    channel, about 500 small ops per 512-channel convolution), while one broadcast add is a single op."""
     new = copy.deepcopy(layer)
     weight = layer.weight.detach().double()
     scale = bn.running_var.double().add(bn.eps).rsqrt()
@@ -70,13 +93,18 @@ def folded_layer(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Mo
         scale, shift = scale * bn.weight.double(), shift * bn.weight.double() + bn.bias.double()
     bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(scale)
     new.weight = nn.Parameter((weight * scale.reshape(-1, *[1] * (weight.dim() - 1))).to(layer.weight.dtype))
-    new.bias = nn.Parameter((bias * scale + shift).to(layer.weight.dtype))
-    return new
+    folded_bias = (bias * scale + shift).to(layer.weight.dtype)
+    if _dilated(layer):
+        new.bias = None
+        return new, ChannelBias(folded_bias, weight.dim() - 2)
+    new.bias = nn.Parameter(folded_bias)
+    return new, nn.Identity()
 
 
 def fold_batchnorms(module: nn.Module) -> int:
     """Fold, in place, every BatchNorm that directly follows a conv or linear layer into it (the BatchNorm
-    becomes ``nn.Identity``). Only valid for eval mode; returns the number of BatchNorms folded."""
+    becomes ``nn.Identity``, or the bias of a dilated convolution: ``folded_pair``). Only valid for eval mode;
+    returns the number of BatchNorms folded."""
     pairs: list[tuple[nn.Module, str, str]] = []
     for parent in module.modules():
         if isinstance(parent, nn.Sequential):
@@ -87,8 +115,9 @@ def fold_batchnorms(module: nn.Module) -> int:
     for parent, a, b in pairs:
         layer, bn = parent._modules.get(a), parent._modules.get(b)
         if layer is not None and bn is not None and _foldable(layer, bn):
-            setattr(parent, a, folded_layer(layer, bn))
-            setattr(parent, b, nn.Identity())
+            new, after = folded_pair(layer, bn)
+            setattr(parent, a, new)
+            setattr(parent, b, after)
             folded += 1
     return folded
 

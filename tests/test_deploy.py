@@ -116,6 +116,42 @@ def test_fold_batchnorms_leaves_batch_statistics_and_unpaired_batchnorms():
     assert [type(m).__name__ for m in net] == ["Conv2d", "BatchNorm2d", "ReLU", "BatchNorm2d", "Conv2d", "Identity"]
 
 
+def aten_op_counts(fn):
+    """How many times each aten op runs during ``fn()`` (the profiler sees the ops a kernel calls inside too)."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.no_grad():
+        fn()
+    return Counter({e.key: e.count for e in prof.key_averages()})
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_a_folded_dilated_conv_adds_its_bias_in_one_op(with_bias):
+    """PyTorch's CPU ``slow_conv_dilated2d`` (batch 1, a small image, a 3x3 kernel: no oneDNN) adds a bias one
+    channel at a time, a ``select`` and a ``fill_`` per channel: the folded dilated conv stays bias-free and one
+    broadcast add follows it."""
+    from dymu.deploy import ChannelBias
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 64, 3, padding=2, dilation=2, bias=with_bias), nn.BatchNorm2d(64), nn.ReLU(),
+                        nn.Conv2d(64, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))
+    randomize_batchnorm(net).eval()
+    x = torch.randn(1, 8, 10, 10)
+    with torch.no_grad():
+        expected = net(x)
+    assert fold_batchnorms(net) == 2
+    assert net[0].bias is None and isinstance(net[1], ChannelBias) and net[1].bias.shape == (64,)
+    assert net[3].bias is not None and isinstance(net[4], nn.Identity)  # not dilated: the bias stays in the conv
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), expected, atol=1e-5, rtol=1e-5)
+    ops = aten_op_counts(lambda: net(x))
+    assert ops["aten::slow_conv_dilated2d"] == 1, "the test's conv should take PyTorch's slow dilated path"
+    assert ops["aten::fill_"] + ops["aten::select"] < 8, ops
+    assert sum(p.numel() for p in net.parameters()) == 64 * 8 * 9 + 64 + 16 * 64 * 9 + 16
+
+
 # ---------------------------------------------------------------- a trained-looking run directory
 
 IMAGE = (3, 16, 16)
