@@ -113,7 +113,22 @@ def test_fold_batchnorms_leaves_batch_statistics_and_unpaired_batchnorms():
         expected = net(x)
         assert fold_batchnorms(net) == 1  # only the last conv-BN pair
         torch.testing.assert_close(net(x), expected, atol=1e-5, rtol=1e-5)
-    assert [type(m).__name__ for m in net] == ["Conv2d", "BatchNorm2d", "ReLU", "BatchNorm2d", "Conv2d", "Identity"]
+    # the folded BatchNorm is gone from the Sequential (no module call left for it)
+    assert [type(m).__name__ for m in net] == ["Conv2d", "BatchNorm2d", "ReLU", "BatchNorm2d", "Conv2d"]
+
+
+def test_a_folded_torchvision_block_keeps_its_attributes():
+    """torchvision's BasicBlock calls ``self.bn1`` by name: its folded BatchNorms become ``nn.Identity``."""
+    from torchvision.models.resnet import BasicBlock
+
+    torch.manual_seed(0)
+    block = randomize_batchnorm(BasicBlock(8, 8)).eval()
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        expected = block(x)
+        assert fold_batchnorms(block) == 2
+        torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+    assert isinstance(block.bn1, nn.Identity) and isinstance(block.bn2, nn.Identity)
 
 
 def aten_op_counts(fn):
@@ -143,7 +158,7 @@ def test_a_folded_dilated_conv_adds_its_bias_in_one_op(with_bias):
         expected = net(x)
     assert fold_batchnorms(net) == 2
     assert net[0].bias is None and isinstance(net[1], ChannelBias) and net[1].bias.shape == (64,)
-    assert net[3].bias is not None and isinstance(net[4], nn.Identity)  # not dilated: the bias stays in the conv
+    assert net[3].bias is not None and len(net) == 4  # not dilated: the bias stays in the conv, the BN is gone
     with torch.no_grad():
         torch.testing.assert_close(net(x), expected, atol=1e-5, rtol=1e-5)
     ops = aten_op_counts(lambda: net(x))
