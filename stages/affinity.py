@@ -12,6 +12,8 @@ if TYPE_CHECKING:  # torch and the model are imported where used: `dymu affinity
     import torch
     from lightning.pytorch import LightningDataModule
 
+    from stages.pipeline import PipelineConfig
+
 
 def compute_affinity(anchor_checkpoint: str | Path, data: LightningDataModule, out_dir: str | Path,
                      num_images: int = 100, seed: int = 0) -> torch.Tensor:
@@ -32,15 +34,14 @@ def compute_affinity(anchor_checkpoint: str | Path, data: LightningDataModule, o
     return affinity
 
 
-def affinity_step(config: dict, layout: RunLayout) -> torch.Tensor:
+def affinity_step(config: PipelineConfig, layout: RunLayout) -> torch.Tensor:
     """The stage table's affinity step: the anchor of ``layout`` on the pipeline's data, with the pipeline's
     ``affinity`` section (``num_images``, ``seed``)."""
     from stages.common import build_data
 
-    options = config.get("affinity") or {}
     print("[dymu run] affinity: computing RSA task affinity from the anchor")
-    affinity = compute_affinity(layout.final("anchor"), build_data(config["data"]), layout.root,
-                                num_images=int(options.get("num_images", 100)), seed=int(options.get("seed", 0)))
+    affinity = compute_affinity(layout.final("anchor"), build_data(config.data), layout.root,
+                                num_images=config.affinity.num_images, seed=config.affinity.seed)
     print(f"[dymu run] affinity:\n{affinity.numpy().round(3)}")
     return affinity
 

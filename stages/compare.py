@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dymu.layout import RunLayout
-from stages.common import read_yaml
 from stages.graph import STAGES
 from stages.results import CompareKind, CompareRow, ComparisonResult, EvaluationResult, Method, compare_label
 
@@ -33,6 +32,7 @@ if TYPE_CHECKING:  # torch and the models are imported where used: `dymu compare
     from torch import nn
 
     from dymu.preference import Preference
+    from stages.pipeline import PipelineConfig
 
 BASELINES = ("phn", "phn_bn", "static")
 """The compared methods' stages (``phn_bn`` brings its parent ``shared_mtl``)."""
@@ -95,7 +95,7 @@ def stage_seconds(layout: RunLayout, folders: Sequence[str]) -> float | None:
     return total
 
 
-def baseline_networks(layout: RunLayout, config: dict[str, Any], methods: Sequence[str],
+def baseline_networks(layout: RunLayout, config: PipelineConfig, methods: Sequence[str],
                       prefs: Sequence[Preference]) -> tuple[dict[Hashable, nn.Module], dict[str, dict[str, Any]]]:
     """Every network the comparison scores, keyed ``(method, k)``, and per method its preferences, costs,
     control parameters and training time. PHN and PHN-BN run each of ``prefs``; static network k runs the
@@ -147,10 +147,10 @@ def compare_run(run_dir: str | Path, methods: Sequence[str] = BASELINES, overrid
     from dymu.model import DynamicMultiTaskModel
     from dymu.preference import evaluation_preferences
     from lightning_modules.evaluation import ModulesEvaluation
-    from stages.common import write_yaml
-    from stages.evaluate import run_data_config, stream_test_losses
+    from stages.evaluate import stream_test_losses
     from stages.graph import order
-    from stages.runner import check_stage_sections, evaluate_if_stale, load_pipeline_config, run_pipeline
+    from stages.pipeline import load_pipeline_config, run_config
+    from stages.runner import check_stage_sections, evaluate_if_stale, run_pipeline
 
     layout = RunLayout(Path(run_dir).resolve())
     if not layout.pipeline_config.is_file():
@@ -159,27 +159,23 @@ def compare_run(run_dir: str | Path, methods: Sequence[str] = BASELINES, overrid
     unknown = sorted(set(methods) - set(BASELINES))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(BASELINES)}")
+    config = run_config(layout.root, overrides)
     if baselines_from is not None:
-        source = read_yaml(baselines_from)
-        stored = read_yaml(layout.pipeline_config)
-        added = {s: source[s] for s in STAGES if not STAGES[s].in_pipeline and s in source and s not in stored}
+        source = load_pipeline_config(baselines_from)
+        added = [s for s in STAGES if not STAGES[s].in_pipeline and source.has_section(s) and not config.has_section(s)]
         if added:
-            write_yaml({**stored, **added}, layout.pipeline_config)
-    config = load_pipeline_config(layout.pipeline_config, list(overrides))
+            config = config.with_sections(source, added)
     extra = ARCHITECTURE_STAGES if architectures else ()
     check_stage_sections(config, order((*methods, *extra)), hint="take them from a config with --baselines_from "
                          "configs/quickstart.yaml, or set them")
     # DYMU's own stages are skipped when finished; the baselines train once and are skipped on a rerun
-    run_pipeline(layout.pipeline_config, layout.root, evaluate=False, overrides=list(overrides),
-                 stages=("weight", *methods, *extra))
-    evaluate_options = config.get("evaluate") or {}
-    evaluate_if_stale(layout, evaluate_options)
+    run_pipeline(config, layout.root, evaluate=False, stages=("weight", *methods, *extra))
+    evaluate_if_stale(layout, config)
     ours = EvaluationResult.read(layout.metrics, "delete it and rerun `dymu compare`: it evaluates the run again")
     n, reference_point = len(ours.tasks), list(ours.reference_point)
-    prefs = evaluation_preferences(n, int(evaluate_options.get("num_preferences", 20)), c=0.0,
-                                   seed=int(evaluate_options.get("seed", 0)))
+    prefs = evaluation_preferences(n, int(config.evaluate["num_preferences"]), c=0.0, seed=int(config.evaluate["seed"]))
     networks, info = baseline_networks(layout, config, methods, prefs)
-    losses, _, _ = stream_test_losses(lambda tasks: ModulesEvaluation(networks, tasks), run_data_config(layout.root),
+    losses, _, _ = stream_test_losses(lambda tasks: ModulesEvaluation(networks, tasks), config.data,
                                       max_batches, device, 1, layout.compare_dir)
 
     model = DynamicMultiTaskModel.from_checkpoint(layout.model_checkpoint())
@@ -221,7 +217,7 @@ def compare_run(run_dir: str | Path, methods: Sequence[str] = BASELINES, overrid
     curve = None
     if "static" in methods:
         curve = static_subset_curve([r["losses"] for r in records["static"]], info["static"]["seconds"],
-                                    reference_point, subsets=subsets, seed=int(evaluate_options.get("seed", 0)))
+                                    reference_point, subsets=subsets, seed=int(config.evaluate["seed"]))
     result = ComparisonResult(tasks=ours.tasks, reference_point=tuple(reference_point), preferences=len(prefs),
                               rows=tuple(rows), static_curve=curve, records=records,
                               static_match=static_match(rows, curve))
@@ -348,7 +344,7 @@ def architecture_label(folder: str, tree_from: dict[str, Any], init: str) -> tup
     return (4, 0.0, init_order), f"{folder}{mark}"
 
 
-def architecture_rows(layout: RunLayout, config: dict[str, Any], max_batches: int | None = None,
+def architecture_rows(layout: RunLayout, config: PipelineConfig, max_batches: int | None = None,
                       device: str = "cpu") -> dict[str, Any]:
     """The architecture evaluation (the paper's tables 5 and 7): the single-task anchor, every retrained tree of the
     ``retrain`` stage and feature partitioning's network, scored in one streamed pass over the test split
@@ -365,7 +361,7 @@ def architecture_rows(layout: RunLayout, config: dict[str, Any], max_batches: in
     from dymu.model import DynamicMultiTaskModel
     from dymu.preference import Preference
     from lightning_modules.retrain import TaskMetricsEvaluation
-    from stages.evaluate import run_data_config, stream_test_losses
+    from stages.evaluate import stream_test_losses
 
     anchor = DynamicMultiTaskModel.from_checkpoint(layout.final("anchor")).anchor.eval()
     networks: dict[Hashable, nn.Module] = {"single-task": anchor}
@@ -391,7 +387,7 @@ def architecture_rows(layout: RunLayout, config: dict[str, Any], max_batches: in
         evaluation["module"] = TaskMetricsEvaluation(networks, tasks)
         return evaluation["module"]
 
-    losses, _, _ = stream_test_losses(factory, run_data_config(layout.root), max_batches, device, 1,
+    losses, _, _ = stream_test_losses(factory, config.data, max_batches, device, 1,
                                       layout.compare_dir)
     tasks, metrics = evaluation["tasks"], evaluation["module"].metrics
     lower = [not t.higher_is_better for t in tasks]

@@ -22,6 +22,7 @@ import numpy as np
 from dymu.layout import RunLayout
 from stages.common import build_data, read_yaml
 from stages.lineage import run_lock, scored_record
+from stages.pipeline import evaluation_options
 from stages.results import (
     CompareKind,
     CompareRow,
@@ -61,7 +62,8 @@ def training_images(data_config: dict[str, Any], num_batches: int, seed: int = 0
 
 
 def run_data_config(run_dir: str | Path) -> dict[str, Any]:
-    """The data config of a run: its pipeline config's (``dymu run``, sweep trials), else the anchor stage's."""
+    """The data config of a run that was trained stage by stage (``dymu <stage> fit``): its pipeline config's if it
+    has one, else the anchor stage's. Commands that start from a pipeline config pass its ``data`` instead."""
     layout = RunLayout(run_dir)
     for path in (layout.pipeline_config, layout.stage_config("anchor")):
         if path.is_file():
@@ -72,27 +74,8 @@ def run_data_config(run_dir: str | Path) -> dict[str, Any]:
 
 NOT_SCORED = ("device", "devices")
 """Options of ``evaluate_run`` that change where it runs, not what it scores."""
-
-
-def evaluation_options(options: dict[str, Any], where: str = "evaluate") -> dict[str, Any]:
-    """``options`` checked against ``evaluate_run``'s arguments (names and types; an error is one line naming the
-    key) and completed with their defaults, without ``NOT_SCORED``: what an evaluation records it scored."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_function_arguments(evaluate_run, skip={"run_dir"})
-    if not isinstance(options, dict):
-        raise ValueError(f"{where} must be a mapping of evaluate_run's options, got {options!r}")
-    try:
-        parsed = parser.parse_object(options).as_dict()
-    except Exception as err:  # noqa: BLE001 - jsonargparse raises several types; one line with the key
-        message = " ".join(str(err).split())
-        known = [k for k in parser.get_defaults().as_dict() if not k.startswith("__")]
-        unknown = [k for k in options if k not in known]
-        if unknown:
-            message = f"unknown key {unknown[0]!r}; the options are {sorted(known)}"
-        raise ValueError(f"{where}: {message[:300]}") from None
-    return {k: v for k, v in parsed.items() if k not in NOT_SCORED and not k.startswith("__")}
+EVALUATE_SKIP = ("run_dir", "data")
+"""Arguments of ``evaluate_run`` that are not options of the pipeline config's ``evaluate`` section."""
 
 
 def check_run(run_dir: str | Path) -> Path:
@@ -190,7 +173,7 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
                  seed: int = 0, reference_point: Sequence[float] | None = None,
                  max_batches: int | None = None, device: str = "cpu", recalibrate_batches: int = 0,
                  devices: int = 1, budgets: Sequence[float] = (), budget_metric: Literal["params", "flops"] = "params",
-                 ) -> dict[str, Any]:
+                 data: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate a run directory and write ``evaluation/metrics.json``, ``evaluation/report.md`` and the
     report's figures (``evaluation/resource_usage.png``, ``evaluation/marginal_controllability.png``).
 
@@ -212,12 +195,13 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
         budgets: fractions of the anchor's ``budget_metric`` (``params`` or ``flops``): for each, the evaluation
             preferences' trees at ``c = 0`` within that budget, scored like the others (records with ``budget``),
             and ``cost_accuracy.png``: hypervolume against cost.
+        data: the run's data config (its ``PipelineConfig.data``); by default read from the run directory.
 
     Returns:
         The result written to ``metrics.json``, ``stages.results.EvaluationResult.to_json()`` (on the main
         process; other DDP processes get ``{}`` and write nothing).
     """
-    options = {k: v for k, v in locals().items() if k != "run_dir"}
+    options = {k: v for k, v in locals().items() if k not in EVALUATE_SKIP}
     from dymu.evaluation import (
         ADAPTED,
         ANCHOR,
@@ -239,11 +223,11 @@ def evaluate_run(run_dir: str | Path, num_preferences: int = 20, num_cost_prefer
     checkpoint = check_run(run_dir)
     layout = RunLayout(run_dir)
     scored = scored_record(checkpoint, layout.root.resolve(), evaluation_options(options))
+    data_config = data if data is not None else run_data_config(run_dir)
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be at least 1 (or omitted for the whole test split), got {max_batches}")
     baselines = compare_rows(layout)  # a malformed or newer compare/metrics.json fails before the test loop
     model = DynamicMultiTaskModel.from_checkpoint(checkpoint)
-    data_config = run_data_config(run_dir)
     n = model.n_tasks
     if reference_point is not None and len(reference_point) != n:
         raise ValueError(f"reference_point has {len(reference_point)} entries, the model has {n} tasks")
@@ -435,14 +419,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recalibrate_batches", type=int, default=None,
                         help="also evaluate each tree with BatchNorm statistics re-estimated on K training batches")
     args = parser.parse_args(argv)
-    pipeline = RunLayout(args.run_dir).pipeline_config
-    options = (read_yaml(pipeline).get("evaluate") or {}) if pipeline.is_file() else {}
+    layout = RunLayout(args.run_dir)
+    config = None
+    if layout.pipeline_config.is_file():  # the run's config, read once; the flags override its evaluate section
+        from stages.pipeline import run_config
+
+        config = run_config(layout.root, [f"evaluate.{k}={json.dumps(v)}" for k, v in vars(args).items()
+                                          if k != "run_dir" and v is not None])
+    options = config.evaluate_given() if config is not None else \
+        {k: v for k, v in vars(args).items() if k != "run_dir" and v is not None}
     import torch
 
     options.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
-    options.update({k: v for k, v in vars(args).items() if k != "run_dir" and v is not None})
-    trainer_device(str(options["device"]), int(options.get("devices") or 1))  # before anything loads
+    evaluation_options(options)  # checked (types, names) before anything loads
+    trainer_device(str(options["device"]), int(options.get("devices") or 1))
     check_run(args.run_dir)
     with run_lock(args.run_dir, "evaluate", create=False):
-        evaluate_run(args.run_dir, **options)
+        evaluate_run(args.run_dir, **options, data=config.data if config is not None else None)
     return 0

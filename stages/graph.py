@@ -12,9 +12,74 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, NotRequired
+
+from jsonargparse.typing import PositiveInt
+from typing_extensions import TypedDict
 
 from dymu.layout import RunLayout
+
+if TYPE_CHECKING:
+    from stages.pipeline import PipelineConfig
+
+
+class ClassSpec(TypedDict):
+    """A class and its arguments, as LightningCLI writes them: ``{class_path: ..., init_args: {...}}``."""
+
+    class_path: str
+    init_args: NotRequired[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class StageSection:
+    """A training stage's section of the pipeline config.
+
+    Attributes:
+        trainer: the stage's ``Trainer`` arguments (typed by its LightningCLI).
+        model: its LightningModule's arguments, besides those the runner fills in (the backbone, the parents'
+            checkpoints, the seed).
+        checkpoint: ``StageCheckpoint``'s arguments (``every_n_train_steps``).
+        data: the data module's init arguments that this stage overrides (e.g. its batch size).
+    """
+
+    trainer: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    checkpoint: dict[str, Any] | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+STATIC_COUNT = 20
+"""K, the static networks of the comparison: the protocol's evaluation preferences at c = 0."""
+
+
+@dataclass(frozen=True)
+class StaticSection(StageSection):
+    """The static networks' section: ``count`` networks, one per evaluation preference."""
+
+    count: PositiveInt = STATIC_COUNT
+
+
+RETRAIN_TREES = ("ours_c0", "ours_c1", "ltb", "bmtas")
+"""The trees of the architecture evaluation (DYMU's tables 5 and 7): ours at the uniform preference for c = 0 and
+c = 1 (``ours_c<c>``, read from the edge stage), and the trees LTB and BMTAS found."""
+RETRAIN_INITS = ("anchor", "scratch")
+"""Each tree is retrained from the anchor's weights and from scratch (the paper's dagger rows)."""
+
+
+@dataclass(frozen=True)
+class RetrainSection(StageSection):
+    """The architecture evaluation's section: each of ``trees`` retrained from each of ``inits``."""
+
+    trees: list[str] = field(default_factory=lambda: list(RETRAIN_TREES))
+    inits: list[Literal["anchor", "scratch"]] = field(default_factory=lambda: list(RETRAIN_INITS))
+
+
+@dataclass(frozen=True)
+class AffinitySection:
+    """The affinity step's section: RSA over ``num_images`` test images drawn with ``seed``."""
+
+    num_images: PositiveInt = 100
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -37,6 +102,7 @@ class Stage:
             (``dymu run --stages phn``, ``dymu compare``).
         repeat: ``"package.module:function"`` giving, from the pipeline config, the instances of a stage trained
             several times (one folder each, e.g. ``static/p00``) and each one's model arguments.
+        section: the dataclass of the stage's section of the pipeline config (``StageSection`` or a subclass).
     """
 
     name: str
@@ -50,12 +116,13 @@ class Stage:
     link_input_shape: bool = False
     in_pipeline: bool = True
     repeat: str | None = None
+    section: type[StageSection] = StageSection
 
     @property
     def trained(self) -> bool:
         return self.module is not None
 
-    def instances(self, config: dict[str, Any] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    def instances(self, config: PipelineConfig | None = None) -> list[tuple[str, dict[str, Any]]]:
         """``(folder, model arguments)`` of each time the stage is trained: ``[(name, {})]`` unless repeated."""
         if self.repeat is None:
             return [(self.name, {})]
@@ -63,7 +130,7 @@ class Stage:
             raise ValueError(f"the instances of stage {self.name!r} depend on the pipeline config")
         return _load(self.repeat)(config)
 
-    def artefacts(self, layout: RunLayout, config: dict[str, Any] | None = None) -> list[Path]:
+    def artefacts(self, layout: RunLayout, config: PipelineConfig | None = None) -> list[Path]:
         """What the stage leaves in a run directory when finished."""
         if self.trained:
             if self.repeat is not None and config is None:
@@ -73,7 +140,7 @@ class Stage:
             return [layout.affinity]
         return []
 
-    def finished(self, layout: RunLayout, config: dict[str, Any] | None = None) -> bool:
+    def finished(self, layout: RunLayout, config: PipelineConfig | None = None) -> bool:
         """Whether the stage's artefacts are there (a computed step's: and made from its present parents)."""
         if not self.trained:
             from stages.lineage import computed_current
@@ -86,7 +153,7 @@ class Stage:
             raise ValueError(f"stage {self.name!r} is not a training stage")
         return _load(self.module)
 
-    def compute_function(self) -> Callable[[dict[str, Any], RunLayout], Any]:
+    def compute_function(self) -> Callable[[PipelineConfig, RunLayout], Any]:
         if self.compute is None:
             raise ValueError(f"stage {self.name!r} is not a computed step")
         return _load(self.compute)
@@ -127,7 +194,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
                                      "anchor_checkpoint": ("anchor", _anchor)}),
     Stage("static", "baseline: K shared multi-task networks, one per evaluation preference", parents=("anchor",),
           module="lightning_modules.shared_mtl:SharedMultiTaskTraining", shared=("backbone",),
-          link_input_shape=True, in_pipeline=False, repeat="stages.graph:static_instances",
+          link_input_shape=True, in_pipeline=False, repeat="stages.graph:static_instances", section=StaticSection,
           inputs={"anchor_checkpoint": ("anchor", _anchor)}),
     # the static architecture searches (the architecture evaluation of dymu compare)
     Stage("ltb", "baseline: Learning to Branch (a static tree, Gumbel-sampled branching from the anchor)",
@@ -144,49 +211,37 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("retrain", "architecture evaluation: a found tree (ours at the uniform preference, LTB's, BMTAS's) "
           "retrained from the anchor's weights or from scratch", parents=("anchor", "edge", "ltb", "bmtas"),
           module="lightning_modules.retrain:TreeRetraining", shared=("backbone",), seeded=True, link_input_shape=True,
-          in_pipeline=False, repeat="stages.graph:retrain_instances",
+          in_pipeline=False, repeat="stages.graph:retrain_instances", section=RetrainSection,
           inputs={"anchor_checkpoint": ("anchor", _anchor), "edge_checkpoint": ("edge", lambda lay: lay.final("edge")),
                   "ltb_checkpoint": ("ltb", lambda lay: lay.final("ltb")),
                   "bmtas_checkpoint": ("bmtas", lambda lay: lay.final("bmtas"))}),
 )}
 
-STATIC_COUNT = 20
-"""K, the static networks of the comparison: the protocol's evaluation preferences at c = 0."""
 
 
-def static_instances(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def static_instances(config: PipelineConfig) -> list[tuple[str, dict[str, Any]]]:
     """One static network per evaluation preference of the protocol (``static.count`` of them, default K = 20,
     ``r ~ Dirichlet(1)`` with the evaluation's seed): folders ``static/p00``, ``static/p01``, ..."""
     from dymu.preference import evaluation_preferences
     from stages.common import build_data
 
-    count = int((config.get("static") or {}).get("count", STATIC_COUNT))
-    if count < 1:
-        raise ValueError(f"static.count must be at least 1, got {count}")
-    n = len(build_data(config["data"]).tasks)
-    seed = int((config.get("evaluate") or {}).get("seed", 0))
+    count = config.section("static").count
+    n = len(build_data(config.data).tasks)
+    seed = int(config.evaluate["seed"])
     prefs = evaluation_preferences(n, count, c=0.0, seed=seed)
     return [(f"static/p{k:02d}", {"preference": [float(v) for v in p.r]}) for k, p in enumerate(prefs)]
 
-RETRAIN_TREES = ("ours_c0", "ours_c1", "ltb", "bmtas")
-"""The trees of the architecture evaluation (DYMU's tables 5 and 7): ours at the uniform preference for c = 0 and
-c = 1 (``ours_c<c>``, read from the edge stage), and the trees LTB and BMTAS found."""
-RETRAIN_INITS = ("anchor", "scratch")
-"""Each tree is retrained from the anchor's weights and from scratch (the paper's dagger rows)."""
 
 
-def retrain_instances(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def retrain_instances(config: PipelineConfig) -> list[tuple[str, dict[str, Any]]]:
     """One retraining per tree of ``retrain.trees`` (default ``RETRAIN_TREES``) and init of ``retrain.inits``
     (default ``RETRAIN_INITS``): folders ``retrain/ours_c0_anchor``, ``retrain/ours_c0_scratch``, ...,
     ``retrain/bmtas_scratch``, each with its ``tree_from`` (the parent stage and, for ours, ``c``; the preference
     is the uniform one) and ``init``."""
-    section = config.get("retrain") or {}
-    trees, inits = list(section.get("trees", RETRAIN_TREES)), list(section.get("inits", RETRAIN_INITS))
+    section = config.section("retrain")
+    trees, inits = list(section.trees), list(section.inits)
     if not trees or not inits:
         raise ValueError(f"retrain.trees and retrain.inits must not be empty, got {trees} and {inits}")
-    bad_inits = [i for i in inits if i not in RETRAIN_INITS]
-    if bad_inits:
-        raise ValueError(f"retrain.inits must be among {list(RETRAIN_INITS)}, got {bad_inits}")
     instances = []
     for tree in trees:
         if tree in ("ltb", "bmtas"):
@@ -203,11 +258,6 @@ def retrain_instances(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]
             raise ValueError(f"retrain.trees: unknown tree {tree!r}; use ltb, bmtas or ours_c<c> (e.g. ours_c0)")
         instances += [(f"retrain/{tree}_{init}", {"tree_from": tree_from, "init": init}) for init in inits]
     return instances
-
-
-PIPELINE_KEYS = ("run_dir", "seed_everything", "data", "backbone", "logger", "evaluate")
-STAGE_SECTION_KEYS = ("trainer", "model", "checkpoint", "data")
-REPEAT_KEYS = ("count", "trees", "inits")  # static: count; retrain: trees, inits
 
 
 def training_stages() -> list[Stage]:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # torch and the models are imported where used: `dymu info --
     from dymu.anchor import NodeCosts
     from dymu.baselines.base import BaselineModel
     from dymu.paper_figures import PaperSetting
+    from stages.pipeline import PipelineConfig
 
 BASELINE_MODELS = {"shared_mtl": "static", "static": "static", "phn": "phn", "phn_bn": "phn_bn", "ltb": "ltb",
                    "bmtas": "bmtas", "feature_partitioning": "feature_partitioning"}
@@ -34,16 +35,16 @@ NOT_SIZED = {"retrain": "retrains the trees that other stages find (edge, ltb, b
 MODEL_ARGUMENTS = ("self", "backbone", "tasks", "input_shape")
 
 
-def describe(config: dict[str, Any]) -> dict[str, Any]:
+def describe(config: PipelineConfig) -> dict[str, Any]:
     """The data module, N, L, the anchor's parameters and GFLOPs at the data's input size, the hypernets'
     sizes and, under ``baselines``, the sizes of the baselines the config has a section for
     (``describe_baselines``)."""
     from dymu.anchor import batchnorm_names
     from dymu.model import DynamicMultiTaskModel
 
-    data = build_data(config["data"])
-    backbone = build_backbone_from_config(config["backbone"])
-    size = lambda stage: {k: v for k, v in ((config.get(stage) or {}).get("model") or {}).items()  # noqa: E731
+    data = build_data(config.data)
+    backbone = build_backbone_from_config(config.backbone)
+    size = lambda stage: {k: v for k, v in config.section(stage).model.items()  # noqa: E731
                           if k in ("embed_dim", "hidden")}
     model = DynamicMultiTaskModel.build(backbone, data.tasks, edge=size("edge"), weight=size("weight"),
                                         input_shape=data.input_shape)
@@ -69,7 +70,7 @@ def describe(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_baseline(config: dict[str, Any], stage: str) -> BaselineModel:
+def build_baseline(config: PipelineConfig, stage: str) -> BaselineModel:
     """The ``dymu.baselines`` model that baseline ``stage`` trains, as the pipeline config's section sets it up,
     with fresh weights: no data, no training, no parent checkpoint (PHN-BN's frozen network, the searches'
     anchor streams). The model's size arguments are the stage's model arguments of the same name (the stage's
@@ -91,10 +92,10 @@ def build_baseline(config: dict[str, Any], stage: str) -> BaselineModel:
             sizes[name] = section["model"][name]
         elif stage_arguments[name].default is not inspect.Parameter.empty:
             sizes[name] = stage_arguments[name].default
-    return model_class(build_backbone_from_config(config["backbone"]), data.tasks, data.input_shape, **sizes)
+    return model_class(build_backbone_from_config(config.backbone), data.tasks, data.input_shape, **sizes)
 
 
-def describe_baselines(config: dict[str, Any], costs: NodeCosts, input_shape: Any) -> dict[str, dict[str, Any]]:
+def describe_baselines(config: PipelineConfig, costs: NodeCosts, input_shape: Any) -> dict[str, dict[str, Any]]:
     """For each baseline stage with a section in ``config``: its model, instances, control parameters and, for
     a baseline that runs the shared network, that network's parameters and FLOPs (the shared tree's in the
     anchor's node costs ``costs``, measured at ``input_shape``; batch 1), else the parameters its search trains;
@@ -104,7 +105,7 @@ def describe_baselines(config: dict[str, Any], costs: NodeCosts, input_shape: An
 
     out: dict[str, dict[str, Any]] = {}
     for spec in STAGES.values():
-        if spec.in_pipeline or not spec.trained or spec.name not in config:
+        if spec.in_pipeline or not spec.trained or not config.has_section(spec.name):
             continue
         instances = len(spec.instances(config))
         if spec.name not in BASELINE_MODELS:
@@ -260,7 +261,7 @@ def describe_controller(run_dir: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from stages.graph import describe_table
-    from stages.runner import load_pipeline_config
+    from stages.pipeline import load_pipeline_config
 
     parser = argparse.ArgumentParser(prog="dymu info", description=__doc__)
     parser.add_argument("--config", help="pipeline config")

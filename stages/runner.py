@@ -26,11 +26,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dymu.layout import RunLayout, checkpoint_problem, written_root
 from stages.common import DEFAULT_LOGGER, build_data, read_yaml, write_yaml
-from stages.graph import PIPELINE_KEYS, REPEAT_KEYS, STAGE_SECTION_KEYS, STAGES, Stage, order, training_stages
+from stages.graph import STAGES, Stage, order, training_stages
 from stages.lineage import (
     LINEAGE_ENV,
     Lineage,
@@ -42,6 +40,7 @@ from stages.lineage import (
     run_lock,
     scored_record,
 )
+from stages.pipeline import PipelineConfig, load_pipeline_config
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 
@@ -60,30 +59,7 @@ class StageStopped(StageFailed):
         self.exit_code = 128 + signum
 
 
-def known_keys() -> list[str]:
-    return [*PIPELINE_KEYS, *STAGES]
-
-
-def check_pipeline_config(config: dict[str, Any], path: str | Path) -> None:
-    """The pipeline config's shape: known top-level keys and stage sections, ``data`` and ``backbone``."""
-    unknown = sorted(set(config) - set(known_keys()))
-    if unknown:
-        raise ValueError(f"{path}: unknown top-level keys {unknown}; allowed: {known_keys()}")
-    missing = [k for k in ("data", "backbone") if k not in config]
-    if missing:
-        raise ValueError(f"{path}: missing required sections {missing}")
-    for name, stage in STAGES.items():
-        section = config.get(name)
-        if section is not None and not isinstance(section, dict):
-            raise ValueError(f"{path}: section {name!r} must be a mapping, got {section!r}")
-        allowed = (*STAGE_SECTION_KEYS, *(REPEAT_KEYS if stage.repeat else ())) if stage.trained \
-            else ("num_images", "seed")
-        extra = sorted(set(section or {}) - set(allowed))
-        if extra:
-            raise ValueError(f"{path}: section {name!r} has unknown keys {extra}; allowed: {list(allowed)}")
-
-
-def stage_config(config: dict[str, Any], stage: str, run_dir: str | Path,
+def stage_config(config: PipelineConfig, stage: str, run_dir: str | Path,
                  sources: dict[str, RunLayout] | None = None, folder: str | None = None,
                  model_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """The full LightningCLI ``fit`` config of one training stage of the table.
@@ -97,10 +73,10 @@ def stage_config(config: dict[str, Any], stage: str, run_dir: str | Path,
     spec = STAGES[stage]
     layout = RunLayout(run_dir)
     folder = folder or stage
-    section = copy.deepcopy(config.get(stage) or {})
+    section = config.given(stage)
     trainer = section.get("trainer", {})
     trainer["default_root_dir"] = str(layout.stage_dir(folder))
-    logger = copy.deepcopy(config.get("logger", DEFAULT_LOGGER))
+    logger = copy.deepcopy(config.values.get("logger", DEFAULT_LOGGER))
     if isinstance(logger, dict) and "class_path" in logger:
         init_args = logger.setdefault("init_args", {})
         if init_args.get("save_dir") in (None, "", "."):
@@ -112,15 +88,15 @@ def stage_config(config: dict[str, Any], stage: str, run_dir: str | Path,
     model = section.get("model", {})
     model.update(copy.deepcopy(model_args or {}))
     for key in spec.shared:
-        model[key] = copy.deepcopy(config[key])
+        model[key] = copy.deepcopy(config.values[key])
     if spec.seeded:
         # the preference sequence follows the run's seed unless the stage sets its own
-        model.setdefault("seed", config.get("seed_everything", 0))
+        model.setdefault("seed", config.seed_everything)
     for argument, (parent, path) in spec.inputs.items():
         model[argument] = str(path((sources or {}).get(parent, layout)))
-    data = copy.deepcopy(config["data"])
+    data = copy.deepcopy(config.data)
     data.setdefault("init_args", {}).update(section.get("data") or {})
-    out: dict[str, Any] = {"seed_everything": config.get("seed_everything", 0), "trainer": trainer,
+    out: dict[str, Any] = {"seed_everything": config.seed_everything, "trainer": trainer,
                            "model": model, "data": data}
     if "checkpoint" in section:
         out["checkpoint"] = section["checkpoint"]
@@ -145,10 +121,10 @@ def check_accelerator(stage: str, config: dict[str, Any]) -> None:
                          f"{stage}.trainer.accelerator=cpu")
 
 
-def check_stage_sections(config: dict[str, Any], stages: list[Stage], hint: str = "") -> None:
+def check_stage_sections(config: PipelineConfig, stages: list[Stage], hint: str = "") -> None:
     """A stage outside the default pipeline (a baseline) must say how long it trains: without a ``trainer``
     section Lightning's default (1000 epochs) would apply."""
-    missing = [s.name for s in stages if s.trained and not s.in_pipeline and not (config.get(s.name) or {}).get("trainer")]
+    missing = [s.name for s in stages if s.trained and not s.in_pipeline and not config.section(s.name).trainer]
     if missing:
         raise ValueError(f"the pipeline config has no trainer settings for the stages {missing}: "
                          f"{hint or 'add a section for each'} (see configs/quickstart.yaml's baseline sections), e.g. "
@@ -165,7 +141,7 @@ def check_trains(stage: str, config: dict[str, Any]) -> None:
                              f"{stage}.trainer.{key}=100)")
 
 
-def check_before_training(config: dict[str, Any], run_dir: Path, stages: list[Stage],
+def check_before_training(config: PipelineConfig, run_dir: Path, stages: list[Stage],
                           sources: dict[str, RunLayout] | None = None) -> dict[str, dict[str, Any]]:
     """Everything that can fail before any training, in this order: every stage config parsed and
     type-checked, the data set on disk, the accelerators present. Returns the stage configs by folder (the
@@ -181,12 +157,11 @@ def check_before_training(config: dict[str, Any], run_dir: Path, stages: list[St
                 if i == 0:  # the instances differ only in their model arguments' values
                     check_stage_config(spec.name, configs[folder])
                     check_trains(spec.name, configs[folder])
-    build_data(config["data"]).check_data()  # the data set first: it is what a new user most often lacks
+    build_data(config.data).check_data()  # the data set first: it is what a new user most often lacks
     for folder, stage in configs.items():
         check_accelerator(folder.split("/")[0], stage)
-    evaluate = config.get("evaluate") or {}
-    if "device" in evaluate:  # the evaluation's device too, before the stages train
-        check_accelerator("evaluate", {"trainer": {"accelerator": str(evaluate["device"]).split(":")[0]}})
+    if "device" in config.evaluate_given():  # the evaluation's device too, before the stages train
+        check_accelerator("evaluate", {"trainer": {"accelerator": str(config.evaluate["device"]).split(":")[0]}})
     return configs
 
 
@@ -342,47 +317,7 @@ def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """A copy of ``config`` with ``dotted.key=value`` overrides applied (values parsed as YAML), e.g.
-    ``data.init_args.root=/data/NYUD_MT`` or ``anchor.trainer.devices=4``. Each top-level section is copied on
-    its own, so sections that share a YAML anchor (``*hypernet_optimizer``) stop sharing it: an override of one
-    stage never changes another."""
-    config = {key: copy.deepcopy(value) for key, value in config.items()}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} must look like dotted.key=value")
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a section (it holds {child!r})")
-            node = child
-        try:
-            node[leaf] = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ValueError(f"override {item!r}: its value is not valid YAML ({problem}); quote it, e.g. "
-                             f"--set '{key}=\"{raw}\"'") from None
-    return config
-
-
-def load_pipeline_config(config_path: str | Path, overrides: list[str] | None = None,
-                         data_root: str | None = None) -> dict[str, Any]:
-    """Read and check a pipeline config, applying ``--set`` overrides and ``--data_root``."""
-    config = read_yaml(config_path)
-    if data_root is not None:
-        config.setdefault("data", {}).setdefault("init_args", {})["root"] = data_root
-    config = apply_overrides(config, overrides or [])
-    check_pipeline_config(config, config_path)
-    from stages.evaluate import evaluation_options
-
-    evaluation_options(config.get("evaluate") or {}, where=f"{config_path}: evaluate")
-    return config
-
-
-def write_stage_configs(config: dict[str, Any], out_dir: str | Path, run_dir: str | Path,
+def write_stage_configs(config: PipelineConfig, out_dir: str | Path, run_dir: str | Path,
                         source: str | Path | None = None, stages: tuple[str, ...] | None = None) -> list[Path]:
     """Write the LightningCLI config of each training stage that ``dymu run`` would train with ``run_dir`` into
     ``out_dir`` (one file per instance of a repeated stage, e.g. ``static/p00.yaml``), for running stages one by
@@ -416,20 +351,22 @@ def write_stage_configs(config: dict[str, Any], out_dir: str | Path, run_dir: st
     return paths
 
 
-def run_pipeline(config_path: str | Path, run_dir: str | Path | None = None, evaluate: bool = True,
-                 overrides: list[str] | None = None, data_root: str | None = None,
+def run_pipeline(config: PipelineConfig | str | Path, run_dir: str | Path | None = None, evaluate: bool = True,
                  stages: tuple[str, ...] | None = None) -> Path:
     """Run the stages of a pipeline config (the whole table by default; ``("affinity",)``: the anchor and its
-    affinity) and, after the last training stage, the evaluation; return the run directory."""
-    config = load_pipeline_config(config_path, overrides, data_root)
-    layout = RunLayout(Path(run_dir or config.get("run_dir") or Path("runs") / Path(config_path).stem).resolve())
+    affinity) and, after the last training stage, the evaluation; return the run directory (by default the
+    config's ``run_dir``, else ``runs/<config file's stem>``). ``config``: the parsed config, or a file to parse
+    (``load_pipeline_config``)."""
+    if not isinstance(config, PipelineConfig):
+        config = load_pipeline_config(config)
+    layout = RunLayout(Path(run_dir or config.default_run_dir()).resolve())
     if layout.root.exists() and not layout.root.is_dir():
         raise NotADirectoryError(f"--run_dir {layout.root} is a file, not a folder: pass a new folder or one that "
                                  "`dymu run` wrote")
     plan = order(stages)
     configs = check_before_training(config, layout.root, plan)
     with run_lock(layout.root, "run"):
-        write_yaml(config, layout.pipeline_config)
+        config.write(layout.pipeline_config)
         for spec in plan:
             if spec.trained:
                 for folder, _ in spec.instances(config):
@@ -441,20 +378,21 @@ def run_pipeline(config_path: str | Path, run_dir: str | Path | None = None, eva
                 spec.compute_function()(config, layout)
                 record_computed_lineage(layout, spec)
         if evaluate and "weight" in [s.name for s in plan]:
-            evaluate_if_stale(layout, config.get("evaluate") or {})
+            evaluate_if_stale(layout, config)
     return layout.root
 
 
-def evaluate_if_stale(layout: RunLayout, options: dict[str, Any]) -> None:
-    """Evaluate the run unless its ``metrics.json`` already scored the present checkpoint with these options."""
-    from stages.evaluate import evaluate_run, evaluation_options
+def evaluate_if_stale(layout: RunLayout, config: PipelineConfig) -> None:
+    """Evaluate the run with the config's ``evaluate`` options unless its ``metrics.json`` already scored the
+    present checkpoint with them."""
+    from stages.evaluate import evaluate_run
 
-    record = scored_record(layout.model_checkpoint(), layout.root, evaluation_options(options))
+    record = scored_record(layout.model_checkpoint(), layout.root, config.scored_evaluation())
     if evaluation_current(layout, record):
         print(f"[dymu run] evaluation: {layout.metrics} already scored {record['checkpoint']} with these options, "
               "skipping")
         return
-    evaluate_run(layout.root, **options)
+    evaluate_run(layout.root, **config.evaluate_given(), data=config.data)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,8 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override a config entry, e.g. --set anchor.trainer.devices=4 (repeatable)")
     args = parser.parse_args(argv)
-    run_dir = run_pipeline(args.config, args.run_dir, evaluate=not args.no_evaluate, overrides=args.overrides,
-                           data_root=args.data_root, stages=tuple(args.stages) if args.stages else None)
+    config = load_pipeline_config(args.config, args.overrides, args.data_root)
+    run_dir = run_pipeline(config, args.run_dir, evaluate=not args.no_evaluate,
+                           stages=tuple(args.stages) if args.stages else None)
     print(f"[dymu run] done: {run_dir}")
     return 0
 

@@ -16,6 +16,7 @@ affinity (trained once, reused by every trial) and evaluates them.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import itertools
 import json
@@ -23,19 +24,25 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import yaml
+from jsonargparse.typing import PositiveInt
 
 from dymu.layout import RunLayout
-from stages.common import read_json, read_yaml, write_yaml
+from stages.common import load_yaml_file, read_json
 from stages.results import CostGroup, EvaluationResult, Method, TrialMetrics
+
+if TYPE_CHECKING:
+    from stages.pipeline import PipelineConfig
 
 SWEPT_SECTIONS = ("edge", "weight", "evaluate")
 """Top-level sections a trial may change: everything else would need a new anchor."""
-METHODS = ("grid", "random", "bayes")
+TRIAL_SCHEMA_VERSION = 1
+"""The version of ``trial.json``'s layout (``name``, ``parameters``, ``metrics``: ``TrialMetrics``)."""
 
 METRIC_COLUMNS = {  # the labels of TrialMetrics' fields, in its order
     "hv_ratio_c0": "HV / anchor's, c=0 (adapted)",
@@ -59,27 +66,91 @@ METRIC_COLUMNS = {  # the labels of TrialMetrics' fields, in its order
 
 # --- the sweep file and its plan ---------------------------------------------------------------------------
 
-def load_sweep(path: str | Path) -> dict[str, Any]:
-    """Read and check a sweep file; errors name the entry and the fix."""
-    sweep = read_yaml(path, "sweep file")
-    method = sweep.get("method", "grid")
-    if method not in METHODS:
-        raise ValueError(f"{path}: method must be one of {METHODS}, got {method!r}")
-    params = sweep.get("parameters")
+@dataclass(frozen=True)
+class SweepParameter:
+    """One parameter of a sweep file: a list of ``values`` (a fixed ``value: x`` is read as ``values: [x]``), or a
+    range ``min``..``max`` drawn with ``distribution`` (default: ``int_uniform`` between two ints, else
+    ``uniform``)."""
+
+    values: list[Any] | None = None
+    min: int | float | None = None
+    max: int | float | None = None
+    distribution: Literal["uniform", "int_uniform", "log_uniform_values"] | None = None
+
+    def choices(self) -> list[Any] | None:
+        """The values a grid takes (None for a range)."""
+        return None if self.values is None else list(self.values)
+
+
+@dataclass(frozen=True)
+class SweepMetric:
+    name: Literal[tuple(METRIC_COLUMNS)]  # type: ignore[valid-type]
+    goal: Literal["maximize", "minimize"] = "maximize"
+
+
+@dataclass(frozen=True)
+class SweepFile:
+    """A W&B sweep file as the local sweep reads it (W&B's other keys are accepted and left to W&B).
+
+    Attributes:
+        parameters: dotted keys of the pipeline config (as ``dymu run --set`` takes them) -> their values.
+        method: ``grid`` (every combination) or ``random`` / ``bayes`` (seeded random draws locally).
+        metric: the objective, one of the sweep summary's columns.
+        run_cap: the number of random draws when ``--trials`` is not given (default 10).
+    """
+
+    parameters: dict[str, SweepParameter]
+    method: Literal["grid", "random", "bayes"] = "grid"
+    metric: SweepMetric | None = None
+    run_cap: PositiveInt | None = None
+    name: str | None = None
+    description: str | None = None
+    program: str | None = None
+    command: list[str] | None = None
+    project: str | None = None
+    entity: str | None = None
+    early_terminate: dict[str, Any] | None = None
+
+
+def load_sweep(path: str | Path) -> SweepFile:
+    """Read and check a sweep file with its parser (one line naming the key and the fix otherwise)."""
+    from jsonargparse import ArgumentParser
+
+    from stages.pipeline import error_line
+
+    data = load_yaml_file(path, "sweep file")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a YAML mapping at the top level")
+    params = data.get("parameters")
     if not isinstance(params, dict) or not params:
         raise ValueError(f"{path}: 'parameters' must map dotted config keys (e.g. edge.model.tau) to "
                          "{values: [...]}, {value: x} or {min: a, max: b}")
-    for key, spec in params.items():
-        check_accepted(key, path)
-        if not isinstance(spec, dict) or not ({"values", "value"} & set(spec) or {"min", "max"} <= set(spec)):
-            raise ValueError(f"{path}: parameter {key!r} needs 'values: [...]', 'value: x' or 'min'/'max', got {spec!r}")
-        if method == "grid" and "values" not in spec and "value" not in spec:
+    fixed = {key: {"values": [spec["value"]], **{k: v for k, v in spec.items() if k != "value"}}
+             if isinstance(spec, dict) and "value" in spec else spec for key, spec in params.items()}
+    for key, spec in fixed.items():  # each parameter on its own first, so that an error names it
+        single = ArgumentParser(exit_on_error=False)
+        single.add_class_arguments(SweepParameter, "spec")
+        try:
+            single.parse_object({"spec": copy.deepcopy(spec)})
+        except Exception as err:  # noqa: BLE001 - as below
+            raise ValueError(f"{path}: parameter {key!r}: {error_line(str(err)).replace('spec.', '')}") from None
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(SweepFile, "sweep")
+    given = copy.deepcopy({"sweep": {**data, "parameters": fixed}})  # the parser changes what it is given
+    try:
+        sweep = parser.instantiate_classes(parser.parse_object(given)).sweep
+    except Exception as err:  # noqa: BLE001 - jsonargparse raises several types; one line with the key
+        raise ValueError(f"{path}: {error_line(str(err)).replace('sweep.', '')}") from None
+    for key, spec in sweep.parameters.items():
+        check_swept_key(key, path)
+        given = {k for k in ("values", "min", "max") if getattr(spec, k) is not None}
+        if not given or given == {"min"} or given == {"max"}:
+            raise ValueError(f"{path}: parameter {key!r} needs 'values: [...]', 'value: x' or 'min'/'max', got "
+                             f"{params[key]!r}")
+        if sweep.method == "grid" and spec.choices() is None:
             raise ValueError(f"{path}: grid search needs 'values' (or 'value') for {key!r}, not a range")
-        if "values" in spec and (not isinstance(spec["values"], list) or not spec["values"]):
+        if spec.values is not None and not spec.values:
             raise ValueError(f"{path}: parameter {key!r}: 'values' must be a non-empty list")
-    metric = sweep.get("metric", {})
-    if metric and metric.get("name") not in METRIC_COLUMNS:
-        raise ValueError(f"{path}: metric.name must be one of {sorted(METRIC_COLUMNS)}, got {metric.get('name')!r}")
     return sweep
 
 
@@ -92,65 +163,28 @@ def check_swept_key(key: str, source: str | Path = "sweep") -> None:
                          "vary; sweep anchor or data settings with separate `dymu run`s")
 
 
-STAGE_MODULES = {"edge": ("lightning_modules.edge", "EdgeHypernetSearch"),
-                 "weight": ("lightning_modules.weight", "WeightHypernetAdaptation")}
-
-
-def check_accepted(key: str, source: str | Path = "sweep") -> None:
-    """Refuse a key that the command it feeds does not take (a typo), before anything trains."""
-    import importlib
-    import inspect
-
-    check_swept_key(key, source)
-    parts = key.split(".")
-    if key == "seed_everything" or len(parts) < 3 and parts[0] != "evaluate":
-        return
-    if parts[0] == "evaluate":
-        from stages.evaluate import evaluate_run
-
-        target, name = evaluate_run, parts[1]
-    elif parts[1] == "model":
-        module, cls = STAGE_MODULES[parts[0]]
-        target, name = getattr(importlib.import_module(module), cls).__init__, parts[2]
-    elif parts[1] == "trainer":
-        from lightning.pytorch import Trainer
-
-        target, name = Trainer.__init__, parts[2]
-    else:
-        return  # data and checkpoint entries are checked by the stage's own LightningCLI
-    accepted = [p for p in inspect.signature(target).parameters if p not in ("self", "run_dir")]
-    if name not in accepted:
-        raise ValueError(f"{source}: {key!r}: {target.__qualname__.split('.')[0]} takes no argument {name!r}; it "
-                         f"takes {', '.join(accepted)}")
-
-
-def _draw(spec: dict[str, Any], rng: np.random.Generator) -> Any:
-    if "value" in spec:
-        return spec["value"]
-    if "values" in spec:
-        return spec["values"][int(rng.integers(len(spec["values"])))]
-    low, high = spec["min"], spec["max"]
-    dist = spec.get("distribution", "int_uniform" if isinstance(low, int) and isinstance(high, int) else "uniform")
+def _draw(spec: SweepParameter, rng: np.random.Generator) -> Any:
+    choices = spec.choices()
+    if choices is not None:
+        return choices[int(rng.integers(len(choices)))]
+    low, high = spec.min, spec.max
+    dist = spec.distribution or ("int_uniform" if isinstance(low, int) and isinstance(high, int) else "uniform")
     if dist == "int_uniform":
         return int(rng.integers(low, high + 1))
     if dist == "uniform":
         return float(rng.uniform(low, high))
-    if dist == "log_uniform_values":
-        return float(math.exp(rng.uniform(math.log(low), math.log(high))))
-    raise ValueError(f"distribution {dist!r} is not supported locally (use uniform, int_uniform, "
-                     "log_uniform_values or a values list)")
+    return float(math.exp(rng.uniform(math.log(low), math.log(high))))
 
 
-def plan_trials(sweep: dict[str, Any], trials: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+def plan_trials(sweep: SweepFile, trials: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
     """The trials' parameter sets: every grid combination (in file order, the first parameter slowest), or
     ``trials`` seeded random draws (``random``; ``bayes`` has no local model and draws at random too)."""
-    params = sweep["parameters"]
-    if sweep.get("method", "grid") == "grid":
+    params = sweep.parameters
+    if sweep.method == "grid":
         keys = list(params)
-        choices = [params[k]["values"] if "values" in params[k] else [params[k]["value"]] for k in keys]
-        plan = [dict(zip(keys, combo)) for combo in itertools.product(*choices)]
+        plan = [dict(zip(keys, combo)) for combo in itertools.product(*(params[k].choices() for k in keys))]
         return plan[:trials] if trials is not None else plan
-    count = trials if trials is not None else int(sweep.get("run_cap", 10))
+    count = trials if trials is not None else (sweep.run_cap or 10)
     rng = np.random.default_rng(seed)
     return [{k: _draw(spec, rng) for k, spec in params.items()} for _ in range(count)]
 
@@ -179,23 +213,37 @@ def agent_arguments(params: dict[str, Any]) -> list[str]:
 
 # --- one trial ---------------------------------------------------------------------------------------------
 
-def trial_config(parent_config: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    from stages.runner import apply_overrides, check_pipeline_config
-
+def trial_config(parent: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
+    """The parent run's config with a trial's parameters, each checked by the pipeline parser."""
     for key in params:
-        check_accepted(key, "trial")
-    config = apply_overrides(parent_config, override_strings(params))
-    check_pipeline_config(config, "the trial's config")
-    return config
+        check_swept_key(key, "trial")
+    return parent.with_overrides(override_strings(params), source="the trial's config")
 
 
-def run_trial(parent_dir: str | Path, params: dict[str, Any], name: str | None = None) -> dict[str, Any]:
-    """Train the edge and weight stages for ``params`` on the parent run's anchor and affinity, evaluate, and
-    write ``<parent>/sweeps/<name>/trial.json`` (parameters and metrics). Resumes an interrupted trial."""
-    from stages.evaluate import evaluate_run
+def check_trial(parent_dir: Path, config: PipelineConfig, name: str) -> dict[str, dict[str, Any]]:
+    """A trial's stage configs, parsed and type-checked by the stages' LightningCLIs before anything trains
+    (``check_before_training``); the trial's own stages are those the table puts after the anchor and
+    affinity, which it reads from the parent run."""
     from stages.graph import order
+    from stages.runner import check_before_training
+
+    parent, trial = RunLayout(parent_dir), RunLayout(RunLayout(parent_dir).trial_dir(name))
+    stages = [s for s in order() if s.name not in ("anchor", "affinity")]
+    return check_before_training(config, trial.root, stages, {"anchor": parent, "affinity": parent})
+
+
+def run_trial(parent_dir: str | Path, params: dict[str, Any], name: str | None = None,
+              parent_config: PipelineConfig | None = None) -> dict[str, Any]:
+    """Train the edge and weight stages for ``params`` on the parent run's anchor and affinity, evaluate, and
+    write ``<parent>/sweeps/<name>/trial.json`` (parameters and metrics). Resumes an interrupted trial.
+
+    Args:
+        parent_config: the parent run's config (default: read from its ``pipeline.yaml``).
+    """
+    from stages.evaluate import evaluate_run
     from stages.lineage import run_lock
-    from stages.runner import check_before_training, run_stage
+    from stages.pipeline import run_config
+    from stages.runner import run_stage
 
     parent = RunLayout(Path(parent_dir).resolve())
     for path in (parent.pipeline_config, parent.final("anchor"), parent.affinity):
@@ -203,20 +251,30 @@ def run_trial(parent_dir: str | Path, params: dict[str, Any], name: str | None =
             raise FileNotFoundError(f"{path} is missing: a sweep's parent run needs a trained anchor and its affinity; "
                                     f"run `dymu sweep --sweep S --run_dir {parent.root} --config <pipeline.yaml>` to "
                                     "train them first")
-    config = trial_config(read_yaml(parent.pipeline_config), params)
+    config = trial_config(parent_config or run_config(parent.root), params)
     name = name or trial_name(params)
     trial = RunLayout(parent.trial_dir(name))
-    # the trial's own stages: what the table puts after the parent's anchor and affinity
-    stages = [s for s in order() if s.name not in ("anchor", "affinity")]
-    sources = {"anchor": parent, "affinity": parent}
-    configs = check_before_training(config, trial.root, stages, sources)
+    configs = check_trial(parent.root, config, name)
     with run_lock(trial.root, "trial"):
-        write_yaml(config, trial.pipeline_config)
-        for spec in stages:
-            run_stage(spec.name, configs[spec.name], trial.root)
-        evaluation = evaluate_run(trial.root, **(config.get("evaluate") or {}))
-    result = {"name": trial.root.name, "parameters": params, "metrics": trial_metrics(evaluation).to_json()}
+        config.write(trial.pipeline_config)
+        for folder, stage_config in configs.items():
+            run_stage(folder.split("/")[0], stage_config, trial.root, folder)
+        evaluation = evaluate_run(trial.root, **config.evaluate_given(), data=config.data)
+    result = {"schema_version": TRIAL_SCHEMA_VERSION, "name": trial.root.name, "parameters": params,
+              "metrics": trial_metrics(evaluation).to_json()}
     parent.trial_result(name).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def read_trial(path: Path) -> dict[str, Any]:
+    """A finished trial's ``trial.json``; one written by a newer dymu, or cut short, is a one-line error."""
+    fix = "delete it and rerun the sweep: it runs that trial again"
+    result = read_json(path, fix)
+    version = result.get("schema_version", TRIAL_SCHEMA_VERSION) if isinstance(result, dict) else None
+    if not isinstance(version, int) or version > TRIAL_SCHEMA_VERSION or not {"name", "parameters", "metrics"} <= set(
+            result):
+        raise ValueError(f"{path} is not a trial record this dymu reads (schema_version {version!r}, this dymu writes "
+                         f"{TRIAL_SCHEMA_VERSION}); {fix}")
     return result
 
 
@@ -253,58 +311,67 @@ def trial_metrics(evaluation: EvaluationResult | dict[str, Any]) -> TrialMetrics
 
 # --- the local sweep and its summary ----------------------------------------------------------------------
 
-def ensure_parent(run_dir: Path, config_path: str | None, overrides: Sequence[str] = ()) -> None:
-    """Train the parent's anchor and affinity if they are not there yet (from ``config_path``)."""
-    from stages.runner import load_pipeline_config, run_pipeline
+def ensure_parent(run_dir: Path, parent: PipelineConfig) -> None:
+    """Train the parent's anchor and affinity if they are not there yet."""
+    from stages.runner import run_pipeline
 
     layout = RunLayout(run_dir)
-    if layout.final("anchor").is_file() and layout.affinity.is_file():
-        return
-    if config_path is None:
-        existing = layout.pipeline_config
-        if not existing.is_file():
-            raise FileNotFoundError(f"{run_dir} holds no trained anchor; pass --config <pipeline.yaml> to train it")
-        config_path = str(existing)
-    load_pipeline_config(config_path, list(overrides))  # fail on a bad config before training
-    run_pipeline(config_path, run_dir, overrides=list(overrides), stages=("affinity",))
+    if not (layout.final("anchor").is_file() and layout.affinity.is_file()):
+        run_pipeline(parent, run_dir, stages=("affinity",))
+
+
+def representative_trials(plan: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Trials that together hold every value of every parameter of ``plan`` (its first trial for each): checking
+    these checks every key and value the sweep will use."""
+    chosen: list[dict[str, Any]] = list(plan[:1])
+    seen = {(key, json.dumps(value, default=str)) for params in chosen for key, value in params.items()}
+    for params in plan:
+        new = {(key, json.dumps(value, default=str)) for key, value in params.items()} - seen
+        if new:
+            chosen.append(params)
+            seen |= new
+    return chosen
 
 
 def run_sweep(sweep_path: str | Path, run_dir: str | Path, trials: int | None = None, seed: int = 0,
               config_path: str | None = None, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Run (or resume) the local plan of a sweep file; write ``summary.csv`` and ``summary.md``."""
+    """Run (or resume) the local plan of a sweep file; write ``summary.csv`` and ``summary.md``. The parent run's
+    config is its ``pipeline.yaml`` or, for a run directory without a trained anchor, ``config_path``."""
+    from stages.pipeline import load_pipeline_config, run_config
+
     sweep = load_sweep(sweep_path)
     run_dir = Path(run_dir).resolve()
     plan = plan_trials(sweep, trials, seed)
     layout = RunLayout(run_dir)
-    parent = read_yaml(layout.pipeline_config) if layout.pipeline_config.is_file() else None
-    if parent is None and config_path is not None:
-        from stages.runner import load_pipeline_config
-
-        parent = load_pipeline_config(config_path, list(overrides))
-    for params in plan:  # check every trial's config before any training
-        if parent is not None:
-            trial_config(parent, params)
-    ensure_parent(run_dir, config_path, overrides)
+    if layout.pipeline_config.is_file():
+        parent = run_config(run_dir, overrides)
+    elif config_path is not None:
+        parent = load_pipeline_config(config_path, overrides)
+    else:
+        raise FileNotFoundError(f"{run_dir} holds no trained anchor; pass --config <pipeline.yaml> to train it")
+    for params in representative_trials(plan):  # every key and value checked before any training
+        check_trial(run_dir, trial_config(parent, params), trial_name(params))
+    ensure_parent(run_dir, parent)
     results = []
     for i, params in enumerate(plan):
         done = layout.trial_result(trial_name(params))
         if done.is_file():
             print(f"[dymu sweep] trial {i + 1}/{len(plan)} {trial_name(params)}: finished, skipping")
-            results.append(read_json(done, "delete it and rerun the sweep: it runs that trial again"))
+            results.append(read_trial(done))
             continue
         print(f"[dymu sweep] trial {i + 1}/{len(plan)} {trial_name(params)}")
-        results.append(run_trial(run_dir, params))
+        results.append(run_trial(run_dir, params, parent_config=parent))
         write_summary(layout, results, sweep, Path(sweep_path).stem)
     write_summary(layout, results, sweep, Path(sweep_path).stem)
     return results
 
 
-def write_summary(layout: RunLayout, results: Sequence[dict[str, Any]], sweep: dict[str, Any], name: str = "") -> None:
+def write_summary(layout: RunLayout, results: Sequence[dict[str, Any]], sweep: SweepFile, name: str = "") -> None:
     """``summary.csv`` (one row per trial) and ``summary.md`` (the same, plus mean and spread over seeds) of the
     latest sweep, and a copy of both named after the sweep file (``summary_<name>.*``) that later sweeps in the
     same run directory leave alone."""
     layout.sweeps_dir.mkdir(parents=True, exist_ok=True)
-    keys = list(sweep["parameters"])
+    keys = list(sweep.parameters)
     with open(layout.sweep_summary("csv"), "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["trial", *keys, *METRIC_COLUMNS])
@@ -312,12 +379,12 @@ def write_summary(layout: RunLayout, results: Sequence[dict[str, Any]], sweep: d
             metrics = TrialMetrics.from_json(res["metrics"])
             writer.writerow([res["name"], *(res["parameters"].get(k) for k in keys),
                              *(f"{metrics.value(m):.4f}" for m in METRIC_COLUMNS)])
-    metric = sweep.get("metric", {})
+    metric = sweep.metric
     lines = ["# Sweep summary", "",
              f"{len(results)} trials. Fractions are of the anchor's parameters (1000 preferences per c); HV ratios "
              "are against the single-task anchor's hypervolume at the same c (20 preferences).", ""]
     if metric:
-        lines += [f"Objective: {metric.get('name')} ({metric.get('goal', 'maximize')}).", ""]
+        lines += [f"Objective: {metric.name} ({metric.goal}).", ""]
     shown = list(METRIC_COLUMNS)
     lines += ["| trial | " + " | ".join(METRIC_COLUMNS[m] for m in shown) + " |",
               "| --- | " + " | ".join("---" for _ in shown) + " |"]
@@ -353,7 +420,7 @@ def parse_trial_arguments(items: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = item.removeprefix("--").partition("=")
         if not sep or not key:
             raise ValueError(f"trial argument {item!r} must look like --dotted.key=value")
-        check_accepted(key, "dymu trial")
+        check_swept_key(key, "dymu trial")
         params[key] = parse_value(raw)
     return params
 

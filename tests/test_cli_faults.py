@@ -91,7 +91,7 @@ def test_malformed_sweep_yaml_names_the_file_line_and_column(tmp_path, capsys):
 def test_malformed_set_value_is_named_as_a_value(tmp_path, capsys):
     cfg = write(tiny_config(), tmp_path / "pipeline.yaml")
     err = one_line(capsys, entry_point(["run", "--config", str(cfg), "--set", "anchor.trainer=[1, 2"]))
-    assert "override 'anchor.trainer=[1, 2'" in err and "not valid YAML" in err and "quote it" in err, err
+    assert "--set 'anchor.trainer=[1, 2'" in err and "not valid YAML" in err and "quote it" in err, err
 
 
 @pytest.mark.parametrize("kind, named", [("folder", "is a directory"), ("binary", "is not a text file")])

@@ -65,7 +65,7 @@ def random_model(tasks, image_size: int, seed: int = 0) -> DynamicMultiTaskModel
 def write_run(run_dir: Path, model: DynamicMultiTaskModel, data_config: dict) -> Path:
     """A run directory as `dymu run` leaves it, as far as `dymu evaluate` reads it."""
     layout = RunLayout(run_dir)
-    write_yaml({"data": data_config, "evaluate": OPTIONS}, layout.pipeline_config)
+    write_yaml({"data": data_config, "backbone": BACKBONE, "evaluate": OPTIONS}, layout.pipeline_config)
     layout.final("weight").parent.mkdir(parents=True)
     torch.save({META_KEY: {"stage": "weight", "model": model.config()},
                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, layout.final("weight"))

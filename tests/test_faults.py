@@ -21,6 +21,7 @@ import torch
 from dymu.layout import RunLayout
 from stages.cli import entry_point
 from stages.lineage import LINEAGE_KEY, RunDirectoryBusy, file_hash, run_lock
+from stages.pipeline import load_pipeline_config
 from stages.runner import run_pipeline
 from tests.test_pipeline import CSV, ROOT, tiny_config, write
 from tests.test_run_robustness import one_line_error, start_long_run
@@ -88,7 +89,7 @@ def test_evaluation_is_redone_only_when_what_it_scored_changes(tiny_run, tmp_pat
     capsys.readouterr()
     run_pipeline(cfg, layout.root)
     assert "already scored" in capsys.readouterr().out
-    run_pipeline(cfg, layout.root, overrides=["evaluate.seed=1"])
+    run_pipeline(load_pipeline_config(cfg, ["evaluate.seed=1"]), layout.root)
     out = capsys.readouterr().out
     assert "already scored" not in out
     assert json.loads(layout.metrics.read_text())["scored"]["options"]["seed"] == 1
@@ -187,9 +188,13 @@ def test_a_permission_error_is_not_taken_for_corruption(tiny_run, tmp_path, caps
 @pytest.mark.parametrize("override, named", [
     ("anchor.trainer.max_steps=0", "anchor.trainer.max_steps is 0"),
     ("edge.trainer.limit_train_batches=0", "edge.trainer.limit_train_batches is 0"),
-    ("evaluate.num_prefs=3", "unknown key 'num_prefs'"),
-    ("evaluate.budget_metric=flop", "budget_metric"),
-    ("compare.methods=[phn]", "unknown top-level keys ['compare']"),
+    ("evaluate.num_prefs=3", "--set evaluate.num_prefs=3: unknown key 'evaluate.num_prefs' (did you mean "
+                             "'num_preferences'?)"),
+    ("evaluate.budget_metric=flop", "key 'evaluate.budget_metric': expected one of 'params', 'flops', got flop"),
+    ("compare.methods=[phn]", "unknown key 'compare'"),
+    ("static.count=0", "key 'static.count': expected a positive int, got 0"),
+    ("affinity.num_image=3", "unknown key 'affinity.num_image' (did you mean 'num_images'?)"),
+    ("retrain.inits=[imagenet]", "key 'retrain.inits': expected one of 'anchor', 'scratch', got imagenet"),
 ])
 def test_settings_that_would_waste_a_run_are_refused_before_training(tmp_path, capsys, override, named):
     cfg = write(tiny_config(), tmp_path / "pipeline.yaml")

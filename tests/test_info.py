@@ -26,7 +26,7 @@ from stages.info import (
     main,
     paper_rows,
 )
-from stages.runner import load_pipeline_config
+from stages.pipeline import load_pipeline_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PASCAL = "datamodules.pascal_context.PascalContext"
@@ -181,7 +181,7 @@ def test_paper_configs_phn_matches_the_papers_control_params(described):
     phn = info["baselines"]["phn"]
     target = phn["inference_params"]
     n_tasks = info["N"]
-    assert load_pipeline_config(ROOT / "configs" / name)["phn"]["model"]["chunk_size"] == chunk
+    assert load_pipeline_config(ROOT / "configs" / name).section("phn").model["chunk_size"] == chunk
     assert chunk == chunk_size_for(round(paper.control_params), target, n_tasks, chunk_embed_dim=64)
     assert phn["control_params"] == phn_control_parameters(target, n_tasks, chunk, 64) == control
     assert abs(control / paper.control_params - 1) < 0.005

@@ -20,7 +20,8 @@ from datamodules.samples.nyuv2 import make_nyud_mt
 from datamodules.samples.pascal_context import VAL_IDS, make_pascal_mt
 from dymu.anchor import AnchorNet, count_parameters
 from stages.common import build_backbone_from_config, build_data
-from stages.runner import load_pipeline_config, run_pipeline
+from stages.pipeline import load_pipeline_config
+from stages.runner import run_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 CSV = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "."}}
@@ -49,7 +50,7 @@ def fixture_config(dataset: str, tmp_path: Path, steps: int = 2, precision: str 
     """The paper's pipeline config on a fixture: tiny crops and batches, CPU, a few steps, CSV logs."""
     config_name, default_writer, data_args, backbone_args = CASES[dataset]
     writer = writer or default_writer
-    config = load_pipeline_config(ROOT / "configs" / config_name)
+    config = load_pipeline_config(ROOT / "configs" / config_name).given_values()
     config["data"]["init_args"].update({"root": str(writer(tmp_path / "data")), **data_args})
     config["backbone"].setdefault("init_args", {}).update(backbone_args)
     config["affinity"] = {"num_images": 4}
@@ -97,11 +98,11 @@ def test_the_textbook_network_is_the_commented_set_away(name: str, params: int) 
     path = ROOT / "configs" / name
     overrides = textbook_overrides(path)
     assert overrides and all(o.startswith("backbone.init_args.") for o in overrides), overrides
-    paper = build_backbone_from_config(load_pipeline_config(path)["backbone"])
+    paper = build_backbone_from_config(load_pipeline_config(path).backbone)
     config = load_pipeline_config(path, overrides)
-    textbook = build_backbone_from_config(config["backbone"])
+    textbook = build_backbone_from_config(config.backbone)
     assert textbook.config() == type(textbook)().config() != paper.config()
-    assert count_parameters(AnchorNet(textbook, build_data(config["data"]).tasks)) == params
+    assert count_parameters(AnchorNet(textbook, build_data(config.data).tasks)) == params
 
 
 def logged_metrics(run_dir: Path) -> dict[str, float]:

@@ -18,6 +18,7 @@ import yaml
 
 from dymu import DynamicMultiTaskModel, Preference
 from stages.cli import entry_point
+from stages.pipeline import PipelineConfig
 from stages.runner import run_pipeline, run_stage, stage_config
 from stages.stage_cli import stage_main
 
@@ -200,7 +201,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     killed_at = torch.load(last, weights_only=True)["global_step"]
     assert 0 < killed_at < 200
     # resume the anchor stage the way the runner does (it passes --ckpt_path last.ckpt)
-    run_stage("anchor", stage_config(config, "anchor", run_dir.resolve()), run_dir.resolve())
+    run_stage("anchor", stage_config(PipelineConfig.parse(config, "test"), "anchor", run_dir.resolve()), run_dir.resolve())
     final = torch.load(run_dir / "anchor" / "final.ckpt", weights_only=True)
     assert final["global_step"] == 200
     logs = sorted((run_dir / "anchor").glob("**/version_*/metrics.csv"))

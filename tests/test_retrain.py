@@ -2,6 +2,9 @@
 checkpoint, where the tree comes from), the test loop with task metrics, and the task groupings with their
 adjusted Rand index."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from lightning.pytorch import Trainer
@@ -22,8 +25,11 @@ from dymu.model import DynamicMultiTaskModel
 from dymu.search_space import Architecture
 from lightning_modules.retrain import TaskMetricsEvaluation, TreeRetraining
 from stages.graph import STAGES, retrain_instances
+from stages.pipeline import load_pipeline_config
 from tests.small_scenes import INPUT, anchor_checkpoint, assert_outputs_equal, backbone, scenes
 from tests.small_scenes import fit as fit_on
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TASKS = ["semseg", "depth", "normals"]
 TREE = Architecture(((1, 1, 1), (1, 1, 2)))  # semseg and depth share both blocks of stream 1, normals splits off
@@ -172,21 +178,23 @@ def test_the_tree_comes_from_the_parent_checkpoint(anchor_ckpt, edge_ckpt, tmp_p
 
 
 def test_retrain_instances_of_the_stage_table():
-    config = {"data": {}}
-    instances = retrain_instances(config)
+    quickstart = ROOT / "configs" / "quickstart.yaml"
+    instances = retrain_instances(load_pipeline_config(quickstart, ["retrain=null"]))
     assert [folder for folder, _ in instances] == [
         f"retrain/{tree}_{init}" for tree in ("ours_c0", "ours_c1", "ltb", "bmtas") for init in ("anchor", "scratch")]
     args = dict(instances)
     assert args["retrain/ours_c1_scratch"] == {"tree_from": {"stage": "edge", "c": 1.0}, "init": "scratch"}
     assert args["retrain/bmtas_anchor"] == {"tree_from": {"stage": "bmtas"}, "init": "anchor"}
-    assert STAGES["retrain"].instances({"retrain": {"trees": ["ours_c0.5"], "inits": ["anchor"]}}) == [
+    half = load_pipeline_config(quickstart, ["retrain={trees: [ours_c0.5], inits: [anchor]}"])
+    assert STAGES["retrain"].instances(half) == [
         ("retrain/ours_c0.5_anchor", {"tree_from": {"stage": "edge", "c": 0.5}, "init": "anchor"})]
     assert set(STAGES["retrain"].inputs) == {"anchor_checkpoint", "edge_checkpoint", "ltb_checkpoint",
                                              "bmtas_checkpoint"}
-    for bad, message in (({"trees": ["phn"]}, "unknown tree"), ({"trees": ["ours_c2"]}, "c in"),
-                         ({"inits": ["imagenet"]}, "inits must be among")):
-        with pytest.raises(ValueError, match=message):
-            retrain_instances({"retrain": bad})
+    for bad, message in (("trees: [phn]", "unknown tree"), ("trees: [ours_c2]", "c in"), ("trees: []", "not be empty")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            retrain_instances(load_pipeline_config(quickstart, [f"retrain={{{bad}}}"]))
+    with pytest.raises(ValueError, match="key 'retrain.inits': expected one of 'anchor', 'scratch', got imagenet"):
+        load_pipeline_config(quickstart, ["retrain.inits=[imagenet]"])
 
 
 # ------------------------------------------------------------------------------------ the test loop with metrics

@@ -21,6 +21,7 @@ import yaml
 from dymu.layout import RunLayout, checkpoint_problem, relative_config, resolve_config
 from stages.cli import entry_point
 from stages.graph import STAGES, order, training_stages
+from stages.pipeline import PipelineConfig, load_pipeline_config
 from stages.runner import run_pipeline, run_stage, stage_config
 from stages.stage_cli import AtomicCheckpointIO, StageConfigError, train_seconds
 from tests.test_pipeline import CSV, ROOT, tiny_config, write
@@ -57,7 +58,7 @@ def test_typo_in_a_later_stage_fails_before_any_training(tmp_path, capsys):
 def test_bad_keys_and_types_are_named_by_their_path(tmp_path, override, named):
     cfg = write(tiny_config(), tmp_path / "pipeline.yaml")
     with pytest.raises((StageConfigError, ValueError), match=re.escape(named)):
-        run_pipeline(cfg, tmp_path / "run", overrides=[override])
+        run_pipeline(load_pipeline_config(cfg, [override]), tmp_path / "run")
     assert not (tmp_path / "run" / "anchor").exists()
 
 
@@ -163,7 +164,7 @@ def test_truncated_last_checkpoint_resumes_from_the_intact_one(anchor_run, tmp_p
     layout.last("anchor").write_bytes(data[: len(data) // 2])
     assert checkpoint_problem(layout.last("anchor")) is not None and checkpoint_problem(steps[0]) is None
     capsys.readouterr()
-    run_stage("anchor", stage_config(config, "anchor", copy), copy)
+    run_stage("anchor", stage_config(PipelineConfig.parse(config, "test"), "anchor", copy), copy)
     captured = capsys.readouterr()
     assert "last.ckpt" in captured.err and "set aside" in captured.err
     assert f"resuming from {steps[0]}" in captured.out

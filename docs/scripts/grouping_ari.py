@@ -33,7 +33,8 @@ from dymu.baselines.grouping import adjusted_rand_index, deepest_shared_grouping
 from dymu.baselines.ltb import found_architecture
 from dymu.layout import RunLayout
 from stages.common import build_data
-from stages.runner import load_pipeline_config, run_pipeline
+from stages.pipeline import load_pipeline_config
+from stages.runner import run_pipeline
 
 SEARCHES = ("ltb", "bmtas")
 LABELS = {"ltb": "LTB", "bmtas": "BMTAS"}
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         base += [f"anchor.trainer.max_steps={args.anchor_steps}",
                  f"anchor.trainer.val_check_interval={args.anchor_steps}",
                  f"anchor.checkpoint.every_n_train_steps={args.anchor_steps}"]
-    data = build_data(load_pipeline_config(args.config, list(args.overrides))["data"])  # the --set data too
+    data = build_data(load_pipeline_config(args.config, list(args.overrides)).data)  # the --set data too
     names = list(data.task_names)
     truth_groups = data.groups
     truth = truth_labels(truth_groups, names, None)
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for seed in args.seeds:
         overrides = [*base, f"seed_everything={seed}", *args.overrides]
-        run_dir = run_pipeline(args.config, out / f"seed{seed}", evaluate=False, overrides=overrides,
+        run_dir = run_pipeline(load_pipeline_config(args.config, overrides), out / f"seed{seed}", evaluate=False,
                                stages=tuple(args.searches))
         for search in args.searches:
             tree = found_architecture(RunLayout(run_dir).final(search))
