@@ -67,6 +67,32 @@ def noise_generator(seed: int, step: int, device: torch.device | str = "cpu") ->
     return generator
 
 
+ORDER_STREAM = 0x6F7264  # "ord": the batch order's seed sequence, apart from the noise's and the preferences'
+
+
+def order_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of a trial's batch order in ``epoch`` (``seed_batch_order``): seeded by ``(seed, epoch)``."""
+    state = np.random.SeedSequence([int(seed), int(epoch), ORDER_STREAM]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def seed_batch_order(loader: Any, seed: int, epoch: int) -> bool:
+    """Make the shuffled training ``loader``'s order of ``epoch`` a function of ``(seed, epoch)``: its
+    ``RandomSampler`` draws from ``order_generator(seed, epoch)`` instead of a seed taken from the global random
+    state (set before the epoch's first batch; the sampler reads its generator when the epoch's iteration starts).
+    A loader without a ``RandomSampler`` (sequential, or DDP's ``DistributedSampler``, which is seeded by the
+    epoch already) is left as it is; returns whether the order was set."""
+    from torch.utils.data import RandomSampler
+
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, RandomSampler):
+        sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    if not isinstance(sampler, RandomSampler):
+        return False
+    sampler.generator = order_generator(seed, epoch)
+    return True
+
+
 def gumbel_noise(shape: Sequence[int], generator: torch.Generator, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> Tensor:
     """Standard Gumbel noise, drawn exactly as ``dymu.hypernets.gumbel_samples`` draws it (so passing it as
@@ -636,4 +662,5 @@ def retain_freed_memory() -> bool:
 
 __all__ = ["AdamSettings", "BatchedEdgeTrials", "BatchedWeightTrials", "EdgeTrial", "StackedAdam",
            "StackedHypernets", "WeightTrial", "batched_edge_search_loss", "batched_weight_adaptation_loss",
-           "draw_preferences", "gumbel_noise", "noise_generator", "retain_freed_memory", "train_trials"]
+           "draw_preferences", "gumbel_noise", "noise_generator", "order_generator", "retain_freed_memory",
+           "seed_batch_order", "train_trials"]

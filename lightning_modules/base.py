@@ -328,6 +328,17 @@ class FrozenAnchorMixin:
     sampler: PreferenceSampler
     num_val_preferences: int
     seed: int
+    seeded_sampling: bool = False
+
+    def on_train_epoch_start(self) -> None:
+        """With ``seeded_sampling``: this epoch's batch order from a generator seeded by ``(seed, epoch)``
+        (``dymu.batched_trials.seed_batch_order``), set before the epoch's first batch is drawn."""
+        super().on_train_epoch_start()  # type: ignore[misc]
+        if self.seeded_sampling:
+            from dymu.batched_trials import seed_batch_order
+
+            trainer = self.trainer  # type: ignore[attr-defined]
+            seed_batch_order(trainer.train_dataloader, self.seed, trainer.current_epoch)
 
     def build_on_parent(self, parent: dict[str, Any], new_part: str, new_args: dict[str, Any]
                         ) -> DynamicMultiTaskModel:

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from dymu.affinity import load_affinity
 from dymu.backbones.base import Backbone
+from dymu.batched_trials import gumbel_noise, noise_generator
 from dymu.controller import MeasuredController, Trees, measure_path_losses, same_tree
 from dymu.preference import Preference
 from dymu.regularizer import layer_weights
@@ -61,7 +62,12 @@ class EdgeHypernetSearch(FrozenAnchorMixin, StageModule):
         straight_through: task loss of the hard sampled tree with the soft gradient (default), or of the soft
             mixture of parents (False).
         embed_dim, hidden: edge hypernet sizes.
-        seed: seeds the preference sequence.
+        seed: seeds the preference sequence (and, with ``seeded_sampling``, the Gumbel noise and the batches' order).
+        seeded_sampling: draw each step's Gumbel noise from a generator seeded by ``(seed, step)``
+            (``dymu.batched_trials.noise_generator``) and each epoch's batch order from one seeded by ``(seed,
+            epoch)`` (``FrozenAnchorMixin.on_train_epoch_start``) instead of the global random state (the default,
+            False). A run's samples then depend on its settings alone, which is what lets ``dymu sweep
+            --batch_trials K`` train K trials in one process and give each the run it would have alone.
         val_preferences: random preferences per ``c`` in {0, 1} at validation (plus the uniform one).
     """
 
@@ -78,10 +84,10 @@ class EdgeHypernetSearch(FrozenAnchorMixin, StageModule):
                  optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0, val_preferences: int = 4,
                  search: str = "gumbel", base_frugality: float = 0.1, cost_metric: str = "params",
-                 floor_break_even: float = 0.9) -> None:
+                 floor_break_even: float = 0.9, seeded_sampling: bool = False) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, loss_scales=loss_scales)
         self.sampler = PreferenceSampler(dirichlet_eta, preference_groups, seed)
-        self.seed, self.num_val_preferences = seed, val_preferences
+        self.seed, self.num_val_preferences, self.seeded_sampling = seed, val_preferences, seeded_sampling
         # seed: not a hyperparameter to log (the data module has its own `seed`, and loggers refuse two values)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "seed"])
         self.edge_args: dict[str, Any] = {"embed_dim": embed_dim, "hidden": hidden}
@@ -171,13 +177,23 @@ class EdgeHypernetSearch(FrozenAnchorMixin, StageModule):
         temperature = self.temperature()
         out = edge_search_loss(self.model.anchor, self.model.edge_hypernet, self.tasks, self.scales, batch,
                                self.training_preferences(), temperature, self.affinity, self.regularizer,
-                               straight_through=self.straight_through)
+                               noise=self.step_noise(), straight_through=self.straight_through)
         self.log_dict({"train/task_loss": out["task_loss"], "train/omega": out["omega"],
                        "train/omega_active": out["active"], "train/omega_inactive": out["inactive"],
                        "train/temperature": temperature,
                        "train/expected_used_fraction": out["expected_used_fraction"]})
         self.log("train/loss", out["loss"], prog_bar=True)
         return out["loss"]
+
+    def step_noise(self) -> Tensor | None:
+        """With ``seeded_sampling``: this step's standard Gumbel noise ``(G, L, N, N)`` from the generator seeded by
+        ``(seed, step)`` (what ``dymu.batched_trials.BatchedEdgeTrials`` draws for the same trial); else None
+        (``edge_search_loss`` draws it from the global random state)."""
+        if not self.seeded_sampling:
+            return None
+        n = self.model.n_tasks
+        shape = (self.sampler.groups, self.model.anchor.n_layers, n, n)
+        return gumbel_noise(shape, noise_generator(self.seed, self.global_step, self.device), self.device)
 
     def preference_forward(self, x: Tensor, pref: Preference) -> dict[str, Tensor]:
         with torch.no_grad():

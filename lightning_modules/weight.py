@@ -29,7 +29,9 @@ class WeightHypernetAdaptation(FrozenAnchorMixin, StageModule):
         embed_dim, hidden: weight hypernet sizes.
         bn_statistics: ``"running"`` (the anchor's statistics, the default; docs/method.md, "Weight hypernet")
             or ``"batch"``.
-        seed: seeds the preference sequence.
+        seed: seeds the preference sequence (and, with ``seeded_sampling``, the batches' order).
+        seeded_sampling: each epoch's batch order from a generator seeded by ``(seed, epoch)`` instead of the global
+            random state (the default, False); see the edge stage's argument of the same name.
         val_preferences: random preferences per ``c`` in {0, 1} at validation (plus the uniform one).
     """
 
@@ -39,11 +41,11 @@ class WeightHypernetAdaptation(FrozenAnchorMixin, StageModule):
                  backbone: Backbone | None = None, dirichlet_eta: float = 0.2, preference_groups: int = 1,
                  loss_scales: str = "config", embed_dim: int = 32,
                  hidden: int = 100, bn_statistics: str = "running", optimizer: OptimizerCallable = default_optimizer,
-                 lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0, val_preferences: int = 4
-                 ) -> None:
+                 lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0, val_preferences: int = 4,
+                 seeded_sampling: bool = False) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, loss_scales=loss_scales)
         self.sampler = PreferenceSampler(dirichlet_eta, preference_groups, seed)
-        self.seed, self.num_val_preferences = seed, val_preferences
+        self.seed, self.num_val_preferences, self.seeded_sampling = seed, val_preferences, seeded_sampling
         # seed: not a hyperparameter to log (the data module has its own `seed`, and loggers refuse two values)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "seed"])
         self.weight_args = {"embed_dim": embed_dim, "hidden": hidden, "bn_statistics": bn_statistics}

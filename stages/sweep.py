@@ -11,6 +11,7 @@ affinity (trained once, reused by every trial) and evaluates them.
 - Offline: ``dymu sweep --sweep S --run_dir D [--trials K]`` runs the same plan locally (``grid``: every
   combination in file order; ``random``/``bayes``: K seeded random draws), one folder per trial under
   ``D/sweeps/``, skips finished trials, and writes ``D/sweeps/summary.csv`` and ``summary.md``.
+  ``--batch_trials K`` trains up to K trials at once in one process (``stages.batched_sweep``).
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ import numpy as np
 import yaml
 from jsonargparse.typing import PositiveInt
 
-from dymu.layout import RunLayout
+from dymu.layout import TRIAL_RESULT, RunLayout
 from stages.common import load_yaml_file, read_json
 from stages.results import CostGroup, EvaluationResult, Method, TrialMetrics
 
 if TYPE_CHECKING:
+    from stages.batched_sweep import PendingTrial
     from stages.pipeline import PipelineConfig
 
 SWEPT_SECTIONS = ("edge", "weight", "evaluate")
@@ -213,11 +215,15 @@ def agent_arguments(params: dict[str, Any]) -> list[str]:
 
 # --- one trial ---------------------------------------------------------------------------------------------
 
-def trial_config(parent: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
-    """The parent run's config with a trial's parameters, each checked by the pipeline parser."""
+def trial_config(parent: PipelineConfig, params: dict[str, Any], seeded: bool = False) -> PipelineConfig:
+    """The parent run's config with a trial's parameters, each checked by the pipeline parser; ``seeded``: with
+    ``seeded_sampling: true`` in the edge and weight stages first (every trial of ``dymu sweep --batch_trials``)."""
+    from stages.batched_sweep import SEEDED
+
     for key in params:
         check_swept_key(key, "trial")
-    return parent.with_overrides(override_strings(params), source="the trial's config")
+    return parent.with_overrides([*(SEEDED if seeded else ()), *override_strings(params)],
+                                 source="the trial's config")
 
 
 def check_trial(parent_dir: Path, config: PipelineConfig, name: str) -> dict[str, dict[str, Any]]:
@@ -233,17 +239,31 @@ def check_trial(parent_dir: Path, config: PipelineConfig, name: str) -> dict[str
 
 
 def run_trial(parent_dir: str | Path, params: dict[str, Any], name: str | None = None,
-              parent_config: PipelineConfig | None = None) -> dict[str, Any]:
+              parent_config: PipelineConfig | None = None, seeded: bool = False) -> dict[str, Any]:
     """Train the edge and weight stages for ``params`` on the parent run's anchor and affinity, evaluate, and
     write ``<parent>/sweeps/<name>/trial.json`` (parameters and metrics). Resumes an interrupted trial.
 
     Args:
         parent_config: the parent run's config (default: read from its ``pipeline.yaml``).
+        seeded: run the stages with ``seeded_sampling: true`` (as ``dymu sweep --batch_trials`` runs every trial).
     """
-    from stages.evaluate import evaluate_run
     from stages.lineage import run_lock
-    from stages.pipeline import run_config
     from stages.runner import run_stage
+
+    trial = prepare_trial(parent_dir, params, name, parent_config, seeded)
+    with run_lock(trial.layout.root, "trial"):
+        trial.config.write(trial.layout.pipeline_config)
+        for folder, stage_config in trial.configs.items():
+            run_stage(folder.split("/")[0], stage_config, trial.layout.root, folder)
+        return finish_trial(trial)
+
+
+def prepare_trial(parent_dir: str | Path, params: dict[str, Any], name: str | None = None,
+                  parent_config: PipelineConfig | None = None, seeded: bool = False, index: int = 0
+                  ) -> PendingTrial:
+    """A trial's config and checked stage configs (nothing written yet)."""
+    from stages.batched_sweep import PendingTrial
+    from stages.pipeline import run_config
 
     parent = RunLayout(Path(parent_dir).resolve())
     for path in (parent.pipeline_config, parent.final("anchor"), parent.affinity):
@@ -251,18 +271,20 @@ def run_trial(parent_dir: str | Path, params: dict[str, Any], name: str | None =
             raise FileNotFoundError(f"{path} is missing: a sweep's parent run needs a trained anchor and its affinity; "
                                     f"run `dymu sweep --sweep S --run_dir {parent.root} --config <pipeline.yaml>` to "
                                     "train them first")
-    config = trial_config(parent_config or run_config(parent.root), params)
+    config = trial_config(parent_config or run_config(parent.root), params, seeded)
     name = name or trial_name(params)
-    trial = RunLayout(parent.trial_dir(name))
     configs = check_trial(parent.root, config, name)
-    with run_lock(trial.root, "trial"):
-        config.write(trial.pipeline_config)
-        for folder, stage_config in configs.items():
-            run_stage(folder.split("/")[0], stage_config, trial.root, folder)
-        evaluation = evaluate_run(trial.root, **config.evaluate_given(), data=config.data)
-    result = {"schema_version": TRIAL_SCHEMA_VERSION, "name": trial.root.name, "parameters": params,
+    return PendingTrial(index, name, params, config, configs, RunLayout(parent.trial_dir(name)))
+
+
+def finish_trial(trial: PendingTrial) -> dict[str, Any]:
+    """Evaluate a trained trial (``evaluate_run``) and write its ``trial.json``."""
+    from stages.evaluate import evaluate_run
+
+    evaluation = evaluate_run(trial.layout.root, **trial.config.evaluate_given(), data=trial.config.data)
+    result = {"schema_version": TRIAL_SCHEMA_VERSION, "name": trial.layout.root.name, "parameters": trial.params,
               "metrics": trial_metrics(evaluation).to_json()}
-    parent.trial_result(name).write_text(json.dumps(result, indent=1))
+    trial.layout.root.joinpath(TRIAL_RESULT).write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -334,11 +356,17 @@ def representative_trials(plan: Sequence[dict[str, Any]]) -> list[dict[str, Any]
 
 
 def run_sweep(sweep_path: str | Path, run_dir: str | Path, trials: int | None = None, seed: int = 0,
-              config_path: str | None = None, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+              config_path: str | None = None, overrides: Sequence[str] = (), batch_trials: int | None = None
+              ) -> list[dict[str, Any]]:
     """Run (or resume) the local plan of a sweep file; write ``summary.csv`` and ``summary.md``. The parent run's
-    config is its ``pipeline.yaml`` or, for a run directory without a trained anchor, ``config_path``."""
+    config is its ``pipeline.yaml`` or, for a run directory without a trained anchor, ``config_path``.
+    ``batch_trials``: train up to that many trials at once in this process (``stages.batched_sweep``; every
+    trial then runs with ``seeded_sampling: true``, those that cannot be batched one by one after a note)."""
     from stages.pipeline import load_pipeline_config, run_config
 
+    if batch_trials is not None and batch_trials < 1:
+        raise ValueError(f"--batch_trials must be at least 1, got {batch_trials}")
+    seeded = batch_trials is not None
     sweep = load_sweep(sweep_path)
     run_dir = Path(run_dir).resolve()
     plan = plan_trials(sweep, trials, seed)
@@ -350,20 +378,41 @@ def run_sweep(sweep_path: str | Path, run_dir: str | Path, trials: int | None = 
     else:
         raise FileNotFoundError(f"{run_dir} holds no trained anchor; pass --config <pipeline.yaml> to train it")
     for params in representative_trials(plan):  # every key and value checked before any training
-        check_trial(run_dir, trial_config(parent, params), trial_name(params))
+        check_trial(run_dir, trial_config(parent, params, seeded), trial_name(params))
     ensure_parent(run_dir, parent)
-    results = []
+    results: list[dict[str, Any] | None] = [None] * len(plan)
+    pending = []
     for i, params in enumerate(plan):
         done = layout.trial_result(trial_name(params))
         if done.is_file():
             print(f"[dymu sweep] trial {i + 1}/{len(plan)} {trial_name(params)}: finished, skipping")
-            results.append(read_trial(done))
-            continue
-        print(f"[dymu sweep] trial {i + 1}/{len(plan)} {trial_name(params)}")
-        results.append(run_trial(run_dir, params, parent_config=parent))
-        write_summary(layout, results, sweep, Path(sweep_path).stem)
-    write_summary(layout, results, sweep, Path(sweep_path).stem)
-    return results
+            results[i] = read_trial(done)
+        else:
+            pending.append((i, params))
+
+    def finished(i: int, result: dict[str, Any]) -> None:
+        results[i] = result
+        write_summary(layout, [r for r in results if r is not None], sweep, Path(sweep_path).stem)
+
+    if not seeded:
+        for i, params in pending:
+            print(f"[dymu sweep] trial {i + 1}/{len(plan)} {trial_name(params)}")
+            finished(i, run_trial(run_dir, params, parent_config=parent))
+    else:
+        from stages.batched_sweep import plan_groups, run_group
+
+        prepared = [prepare_trial(run_dir, params, None, parent, True, i) for i, params in pending]
+        groups, alone = plan_groups(prepared, batch_trials)  # type: ignore[arg-type]
+        for trial, reason in alone:
+            print(f"[dymu sweep] trial {trial.index + 1}/{len(plan)} {trial.name}: runs alone ({reason})")
+            finished(trial.index, run_trial(run_dir, trial.params, parent_config=parent, seeded=True))
+        for group in groups:
+            print(f"[dymu sweep] trials {', '.join(str(t.index + 1) for t in group)}/{len(plan)}: "
+                  f"{len(group)} batched in one process")
+            for trial, result in zip(group, run_group(layout, group, finish_trial)):
+                finished(trial.index, result)
+    write_summary(layout, [r for r in results if r is not None], sweep, Path(sweep_path).stem)
+    return [r for r in results if r is not None]
 
 
 def write_summary(layout: RunLayout, results: Sequence[dict[str, Any]], sweep: SweepFile, name: str = "") -> None:
@@ -472,12 +521,17 @@ def sweep_main(argv: list[str] | None = None) -> int:
                         "the run directory has none yet")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="override an entry of --config for the parent run")
+    parser.add_argument("--batch_trials", type=int, default=None, metavar="K",
+                        help="train up to K trials at once in this process (stacked hypernets on one anchor; "
+                        "every trial with seeded_sampling: true; trials that cannot be batched, e.g. search: "
+                        "measured, run one by one after a note). Use the same flag on every rerun of a sweep")
     args = parser.parse_args(argv)
     from stages.lineage import run_lock
 
     try:
         with run_lock(args.run_dir, "sweep"):
-            results = run_sweep(args.sweep, args.run_dir, args.trials, args.seed, args.config, args.overrides)
+            results = run_sweep(args.sweep, args.run_dir, args.trials, args.seed, args.config, args.overrides,
+                                args.batch_trials)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"dymu sweep: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line, as every command
         return 1
