@@ -380,8 +380,10 @@ def run_group(parent: RunLayout, trials: Sequence[PendingTrial],
               finish: Callable[[PendingTrial], dict[str, Any]]) -> list[dict[str, Any]]:
     """Train a group's edge and weight stages together, then ``finish`` each trial (its evaluation and
     ``trial.json``), holding every trial folder's lock throughout."""
+    from dymu.batched_trials import retain_freed_memory
     from stages.lineage import run_lock
 
+    retain_freed_memory()  # a K-trial step's activations reused from step to step (docs/performance.md)
     with contextlib.ExitStack() as stack:
         for t in trials:
             stack.enter_context(run_lock(t.layout.root, "trial"))

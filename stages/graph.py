@@ -27,7 +27,7 @@ class ClassSpec(TypedDict):
     """A class and its arguments, as LightningCLI writes them: ``{class_path: ..., init_args: {...}}``."""
 
     class_path: str
-    init_args: NotRequired[dict[str, Any]]
+    init_args: NotRequired[dict]
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,12 @@ class StageSection:
         data: the data module's init arguments that this stage overrides (e.g. its batch size).
     """
 
-    trainer: dict[str, Any] = field(default_factory=dict)
-    model: dict[str, Any] = field(default_factory=dict)
-    checkpoint: dict[str, Any] | None = None
-    data: dict[str, Any] = field(default_factory=dict)
+    # plain ``dict``: the parser checks the shape and leaves the values as written (a ``class_path`` inside is
+    # resolved, with its class's defaults, by the stage's own LightningCLI, not here)
+    trainer: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+    checkpoint: dict | None = None
+    data: dict = field(default_factory=dict)
 
 
 STATIC_COUNT = 20

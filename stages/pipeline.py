@@ -75,17 +75,11 @@ def _evaluate_parser() -> Any:
     return parser
 
 
+@functools.cache
 def section_keys(name: str) -> list[str]:
-    """The keys a section of the pipeline config takes (``evaluate``: ``evaluate_run``'s options)."""
-    if name == "evaluate":
-        import inspect
-
-        from stages.evaluate import EVALUATE_SKIP, evaluate_run
-
-        return [p for p in inspect.signature(evaluate_run).parameters if p not in EVALUATE_SKIP]
-    if name == "affinity":
-        return [f.name for f in fields(AffinitySection)]
-    return [f.name for f in fields(STAGES[name].section)]
+    """The keys a section of the pipeline config takes, as its parser has them (``evaluate``: ``evaluate_run``'s
+    options)."""
+    return [key for key in pipeline_parser().get_defaults().as_dict()[name] if not key.startswith("__")]
 
 
 def known_keys() -> list[str]:
@@ -120,17 +114,19 @@ def _did_you_mean(key: str, choices: Sequence[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def error_line(message: str) -> str:
-    """jsonargparse's error as one line: the key's path, what it expects and what it got."""
+def error_line(message: str, prefix: str = "") -> str:
+    """jsonargparse's error as one line: the key's path (after ``prefix``, e.g. a stage's ``edge.``), what it
+    expects and what it got."""
     message = " ".join(message.split())
     unknown = re.search(r"Group '([\w.]+)' does not accept option '([\w]+)", message) or \
-        re.search(r"Option '([\w]+)(?:\.([\w]+))?[\w.]*' is not accepted", message)
+        re.search(r"Option '([\w]+)(?:\.([\w]+))?[\w.]*' is not accepted", message) or \
+        re.search(r"Key '([\w.]+)' is not expected", message)
     if unknown:
-        return f"unknown key '{'.'.join(g for g in unknown.groups() if g)}'"
+        return f"unknown key '{prefix}{'.'.join(g for g in unknown.groups() if g)}'"
     keys = re.findall(r'Parser key "([\w.]+)"', message)
     if keys:
-        key = keys[0]
-        rest = message.split(f'Parser key "{key}":', 1)[1].strip()
+        key = prefix + keys[0]
+        rest = message.split(f'Parser key "{keys[0]}":', 1)[1].strip()
         nested = re.search(r'Parser key "([\w.]+)": (.*?)(?: - Expected a <class .NoneType.>|$)', rest)
         if nested:  # a section's own key, inside the union with None
             key, rest = f"{key}.{nested.group(1)}", nested.group(2)
@@ -154,7 +150,7 @@ def error_line(message: str) -> str:
         return f"key '{key}': {rest[:300]}"
     required = re.search(r'Key "([\w.]+)" is required', message)
     if required:
-        return f"key '{required.group(1)}' is required"
+        return f"key '{prefix}{required.group(1)}' is required"
     return message[:300]
 
 
@@ -305,14 +301,23 @@ class PipelineConfig:
 
     def with_overrides(self, overrides: Iterable[str], source: str | None = None) -> PipelineConfig:
         """This config with ``dotted.key=value`` overrides, each checked by the parser (an error names it)."""
-        config = self
+        overrides = list(overrides)
+        if not overrides:
+            return self
+        values = self.values
         for item in overrides:
-            values = apply_override(config.values, item)
-            try:
-                config = PipelineConfig.parse(values, source or self.source)
-            except PipelineConfigError as err:
-                raise PipelineConfigError(f"--set {item}: {str(err).split(': ', 1)[-1]}") from None
-        return config
+            values = apply_override(values, item)
+        try:
+            return PipelineConfig.parse(values, source or self.source)
+        except PipelineConfigError:  # parse again after each override: the error names the one that broke it
+            values = self.values
+            for item in overrides:
+                values = apply_override(values, item)
+                try:
+                    PipelineConfig.parse(values, source or self.source)
+                except PipelineConfigError as err:
+                    raise PipelineConfigError(f"--set {item}: {str(err).split(': ', 1)[-1]}") from None
+            raise
 
     def with_sections(self, other: PipelineConfig, names: Iterable[str]) -> PipelineConfig:
         """This config with ``other``'s sections ``names`` added (``dymu compare --baselines_from``)."""

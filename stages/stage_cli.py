@@ -178,18 +178,13 @@ def check_stage_config(stage: str, config: dict[str, Any]) -> None:
 
 
 def config_error_message(message: str, stage: str) -> str:
-    """jsonargparse's error in one line, with the key named by its path in the pipeline config
-    (``edge.model.lamda_active``, ``anchor.data.init_args.num_trian``)."""
+    """jsonargparse's error in one line (``stages.pipeline.error_line``), with the key named by its path in the
+    pipeline config (``edge.model.lamda_active``, ``anchor.data.init_args.num_trian``)."""
+    from stages.pipeline import error_line
+
     message = " ".join(message.split())
-    unknown = re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message)
-    if unknown:
-        return f"unknown key '{stage}.{unknown.group(1)}.{unknown.group(2)}'; check its spelling"
-    unknown = re.search(r"Key '([\w.]+)' is not expected", message)
-    if unknown:
-        return f"unknown key '{stage}.{unknown.group(1)}'; check its spelling"
     data = re.search(r"Problem with given class_path '([\w.]+)': Option '([\w.]+)' is not accepted", message)
     if data:
         return f"unknown key '{stage}.data.init_args.{data.group(2)}' ({data.group(1)} does not take it)"
-    message = re.sub(r"Parser key \"(?:\w+\.)?((?:trainer|model|data|checkpoint)[\w.]*)\"",
-                     rf"key '{stage}.\1'", message)
-    return message[:400] + (" ..." if len(message) > 400 else "")
+    message = re.sub(r"Parser key \"(?:\w+\.)?((?:trainer|model|data|checkpoint)[\w.]*)\"", r'Parser key "\1"', message)
+    return error_line(message, prefix=f"{stage}.")

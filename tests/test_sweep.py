@@ -24,6 +24,7 @@ from stages.sweep import (
     load_sweep,
     parse_trial_arguments,
     plan_trials,
+    representative_trials,
     run_sweep,
     trial_config,
     trial_main,
@@ -40,7 +41,7 @@ def test_every_shipped_sweep_file_is_valid_and_its_command_accepts_every_paramet
     quickstart = load_pipeline_config(ROOT / "configs" / "quickstart.yaml")
     for path in SWEEPS:
         sweep = load_sweep(path)
-        for params in plan_trials(sweep, trials=50):
+        for params in representative_trials(plan_trials(sweep, trials=50)):  # every value of every key
             # what a W&B agent passes as ${args} (f"--{key}={value}", Python's str of the value), parsed as
             # `dymu trial` parses it, gives the same values ...
             assert parse_trial_arguments([f"--{k}={v}" for k, v in params.items()]) == params
@@ -107,6 +108,13 @@ def test_bad_sweep_files_name_the_problem(tmp_path, bad, message):
         path = write({"parameters": {"edge.model.tau": {"values": [0.1]}}, **entry}, tmp_path / "s.yaml")
         with pytest.raises(ValueError, match=re.escape(message)):
             load_sweep(path)
+
+
+def test_representative_trials_hold_every_value_of_every_key():
+    plan = [{"a": a, "b": b, "c": 0} for a in (1, 2, 3) for b in ("x", "y")]
+    chosen = representative_trials(plan)
+    assert chosen[0] == plan[0] and len(chosen) == 4  # greedy, in plan order: (1, x), (1, y), (2, x), (3, x)
+    assert {(k, v) for p in chosen for k, v in p.items()} == {(k, v) for p in plan for k, v in p.items()}
 
 
 def test_a_misspelt_swept_key_is_refused_before_anything_trains(tmp_path):
