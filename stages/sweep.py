@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import dataclasses
 import itertools
 import json
 import math
@@ -143,7 +144,12 @@ def load_sweep(path: str | Path) -> SweepFile:
         sweep = parser.instantiate_classes(parser.parse_object(given)).sweep
     except Exception as err:  # noqa: BLE001 - jsonargparse raises several types; one line with the key
         raise ValueError(f"{path}: {error_line(str(err)).replace('sweep.', '')}") from None
-    for key, spec in sweep.parameters.items():
+    for key, spec in list(sweep.parameters.items()):
+        raw = fixed[key] if isinstance(fixed[key], dict) else {}
+        bounds = {k: raw[k] for k in ("min", "max") if isinstance(raw.get(k), (int, float))
+                  and not isinstance(raw.get(k), bool)}
+        if bounds:  # as written: the parser may read `int | float` as a float once other types are registered, and
+            spec = sweep.parameters[key] = dataclasses.replace(spec, **bounds)  # int bounds draw ints
         check_swept_key(key, path)
         given = {k for k in ("values", "min", "max") if getattr(spec, k) is not None}
         if not given or given == {"min"} or given == {"max"}:
