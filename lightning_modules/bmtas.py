@@ -38,7 +38,8 @@ class BmtasSearch(FoundTreeMixin, StageModule):
     stream on its own task; after them, every training epoch starts with an architecture phase, a pass over the
     architecture split (a fixed ``arch_fraction`` of the training set, seeded by ``seed``) updating only the
     routing logits with ``sum_t w_t L_t / N + resource_weight * resource_loss`` (Adam ``arch_lr``, weight decay
-    ``arch_weight_decay``, its moments reset at every phase, BatchNorms of the streams on batch statistics);
+    ``arch_weight_decay``, its moments reset at every phase unless ``reset_arch_optimizer`` is off, BatchNorms
+    of the streams on batch statistics);
     then the weights train on the remaining training data (the trainer's batches) with the task loss alone,
     their optimizer state and the streams' BatchNorm running statistics reset after each architecture phase
     because the architecture changed. The Gumbel-softmax temperature falls linearly from ``temperature_start``
@@ -63,6 +64,9 @@ class BmtasSearch(FoundTreeMixin, StageModule):
         optimizer: the weights' optimizer factory (default: Adam 1e-3, weight decay 1e-4).
         lr_scheduler: optional scheduler factory (stepped every weight step).
         seed: seeds the architecture split.
+        reset_arch_optimizer: reset the routing logits' Adam moments at every architecture phase (the authors'
+            code, default); ``False`` keeps them across phases (docs/results.md, "BMTAS on a held-out grouping":
+            with this data's 4-batch phases a reset makes every arch step a near sign step).
     """
 
     stage_name = "bmtas"
@@ -73,7 +77,8 @@ class BmtasSearch(FoundTreeMixin, StageModule):
                  warmup_steps: int | None = None, temperature_start: float = 5.0, temperature_end: float = 0.1,
                  arch_fraction: float = 0.2, arch_lr: float = 0.01, arch_weight_decay: float = 5e-5,
                  loss_scales: str = "config", optimizer: OptimizerCallable = bmtas_optimizer,
-                 lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0) -> None:
+                 lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0,
+                 reset_arch_optimizer: bool = True) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, loss_scales=loss_scales,
                          scales_checkpoint=anchor_checkpoint)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "seed"])
@@ -88,6 +93,7 @@ class BmtasSearch(FoundTreeMixin, StageModule):
         self.warmup_setting = warmup_steps
         self.temperature_start, self.temperature_end = temperature_start, temperature_end
         self.arch_fraction, self.arch_lr, self.arch_weight_decay = arch_fraction, arch_lr, arch_weight_decay
+        self.reset_arch_optimizer = reset_arch_optimizer
         check_tree_init(self.stage_name, init, anchor_checkpoint, backbone, task_configs)
         self.anchor_checkpoint, self.backbone, self.input_shape = anchor_checkpoint, backbone, input_shape
         self.resource = resource
@@ -152,7 +158,8 @@ class BmtasSearch(FoundTreeMixin, StageModule):
         """One pass over the architecture split updating the routing logits only (module docstring)."""
         assert self.arch_loader is not None, "setup('fit') builds the architecture split"
         logits = self.model.logits
-        self.arch_optimizer = torch.optim.Adam([logits], lr=self.arch_lr, weight_decay=self.arch_weight_decay)
+        if self.arch_optimizer is None or self.reset_arch_optimizer:
+            self.arch_optimizer = torch.optim.Adam([logits], lr=self.arch_lr, weight_decay=self.arch_weight_decay)
         temperature = self.temperature()
         totals = []
         self.model.expected_cost()  # measured once at batch 1, before BatchNorm1d on batch statistics would refuse it

@@ -272,6 +272,29 @@ def test_bmtas_resource_weight_shrinks_the_expected_cost(anchor_ckpt, tmp_path):
     assert fractions[20.0] < fractions[0.0] - 0.02, fractions
 
 
+@pytest.mark.parametrize("reset", [True, False])
+def test_bmtas_architecture_adam_is_reset_per_phase_or_kept(anchor_ckpt, tmp_path, reset):
+    """The authors' code resets the routing logits' Adam at every architecture phase; reset_arch_optimizer=False
+    keeps its moments across phases (docs/results.md, BMTAS on the held-out grouping)."""
+    torch.manual_seed(0)
+    module = BmtasSearch(anchor_checkpoint=anchor_ckpt, task_configs=task_configs(), arch_lr=0.2,
+                         reset_arch_optimizer=reset)
+    phase_optimizers = []
+    original = module.architecture_phase
+
+    def recording_phase():
+        original()
+        phase_optimizers.append(module.arch_optimizer)
+
+    module.architecture_phase = recording_phase
+    fit(module, tmp_path, steps=-1, dm=data(num_train=40), max_epochs=3, limit_train_batches=2, limit_val_batches=0)
+    per_phase = len(module.arch_loader)
+    assert len(phase_optimizers) == 3 and per_phase >= 1
+    steps = int(module.arch_optimizer.state[module.model.logits]["step"])
+    assert steps == (per_phase if reset else 3 * per_phase)
+    assert (len({id(o) for o in phase_optimizers}) == 3) is reset
+
+
 # ---------------------------------------------------------------------------------------- feature partitioning
 
 

@@ -103,7 +103,7 @@ ARGUMENTS = {  # every stage's constructor arguments before the flat base: the c
                             "optimizer", "lr_scheduler", "seed"],
     "BmtasSearch": ["backbone", "task_configs", "input_shape", "anchor_checkpoint", "init", "resource_weight",
                     "resource", "warmup_steps", "temperature_start", "temperature_end", "arch_fraction", "arch_lr",
-                    "arch_weight_decay", "loss_scales", "optimizer", "lr_scheduler", "seed"],
+                    "arch_weight_decay", "loss_scales", "optimizer", "lr_scheduler", "seed", "reset_arch_optimizer"],
     "FeaturePartitionTraining": ["backbone", "task_configs", "input_shape", "partition", "anchor_checkpoint",
                                  "search_method", "search_budget", "diag_penalty", "es_directions", "es_step_size",
                                  "es_noise", "distill_steps", "distill_lr", "distill_layers", "search_batches",
