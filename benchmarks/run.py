@@ -72,16 +72,18 @@ from benchmarks.networks import (  # noqa: E402
 )
 from benchmarks.static import SingleTaskNet, StaticTree  # noqa: E402
 from benchmarks.trials import KEPT_K, TRIAL_ROWS, measure_in_child  # noqa: E402
+from dymu.captured import CapturedStep, resolve_compile_step  # noqa: E402
 from dymu.evaluation import Evaluated, LossSums, configuration_forwards, protocol_variants  # noqa: E402
 from dymu.preference import evaluation_preferences  # noqa: E402
 from dymu.search_space import Architecture  # noqa: E402
 from dymu.switch import SpecializationCache  # noqa: E402
 from dymu.tasks import preference_loss, task_losses  # noqa: E402
-from dymu.training import edge_search_loss, weight_adaptation_loss  # noqa: E402
+from dymu.training import captured_edge_loss, edge_search_loss, preference_tensors, weight_adaptation_loss  # noqa: E402,E501
 
 TRAIN_ROWS = [("anchor_step", "fp32"), ("anchor_step", "stacked"), ("anchor_step", "bf16"),
               ("anchor_step", "compile"), ("single_task_nets_step", "fp32"), ("anchor_fwd_bwd", "fp32"),
-              ("edge_step", "fp32"), ("edge_step", "stacked"), ("edge_step", "bf16"), ("weight_step", "fp32")]
+              ("edge_step", "fp32"), ("edge_step", "stacked"), ("edge_step", "bf16"), ("edge_step", "captured compile"),
+              ("weight_step", "fp32")]
 OTHER_ROWS = [("eval_protocol", "fp32"),
               ("specialized_latency", "c=0"), ("static_latency", "c=0"), ("specialized_latency", "c=1"),
               ("static_latency", "c=1"), ("specialized_latency", "c=0 bf16"), ("specialized_latency", "c=0 compile"),
@@ -312,6 +314,7 @@ def measure_training(res: Results, net: Network, model: Any, tasks: list[Any], b
     reason = compile_skip_reason(net, args, device)
     if reason:
         res.skip("anchor_step", "compile", reason)
+        res.skip("edge_step", "captured compile", reason)
         return
     try:
         compiled_anchor = copy.deepcopy(stage1)
@@ -327,6 +330,43 @@ def measure_training(res: Results, net: Network, model: Any, tasks: list[Any], b
                 compile_s=compile_s, eager_same_loop_ms=median_ms(t["eager"]))
     except Exception as error:  # noqa: BLE001
         res.fail("anchor_step", "compile", error)
+    try:
+        measure_captured_edge(res, model, tasks, scales, batch, prefs, affinity, regularizer, config, edge_step,
+                              warmup, repeats, device)
+    except Exception as error:  # noqa: BLE001
+        res.fail("edge_step", "captured compile", error)
+
+
+def measure_captured_edge(res: Results, model: Any, tasks: list[Any], scales: Tensor, batch: dict[str, Tensor],
+                          prefs: list[Any], affinity: Tensor, regularizer: dict[str, Any], config: dict[str, Any],
+                          eager_step: Callable[[], None], warmup: int, repeats: int, device: torch.device) -> None:
+    """The edge stage's ``compile_step``: ``captured_edge_loss`` compiled whole (``dymu.captured.CapturedStep``,
+    ``"reduce-overhead"`` on CUDA, ``"default"`` elsewhere) on its own copy of the model and optimizer, against the
+    eager step in one interleaved loop; each step as the stage runs it (the preferences and the temperature made
+    tensors, the noise drawn inside), the optimizer step eager. The first call (compiling) is not timed."""
+    mode = resolve_compile_step("auto", device) if device.type == "cuda" else "default"
+    copy_ = copy.deepcopy(model)
+    optimizer = stage_optimizer(config, "edge", copy_.edge_hypernet.parameters())
+    captured = CapturedStep(captured_edge_loss, mode, "benchmark edge")
+    tensors = {k: v for k, v in batch.items() if isinstance(v, Tensor)}
+
+    def objective() -> Tensor:
+        r, c = preference_tensors(prefs, "cpu")
+        out = captured(copy_.anchor, copy_.edge_hypernet, tasks, scales, tensors, r.to(device), c.to(device),
+                       torch.tensor(1.0, device=device), affinity, regularizer)
+        if out is None:
+            raise RuntimeError(f"compile_step={mode!r} could not compile the edge step (see the warning)")
+        return out["loss"]
+
+    compiled_step = step_fn(objective, optimizer, device)
+    start = time.perf_counter()
+    compiled_step()
+    compile_s = time.perf_counter() - start
+    t = interleaved_times({"eager": eager_step, "captured": compiled_step}, warmup, repeats, device)
+    res.add("edge_step", "captured compile", t["captured"], peak_memory_mb(compiled_step, device),
+            vs=("edge_step", "fp32"), ref_times=t["eager"],
+            note=f"mode {mode}; first call (compiling) {compile_s:.0f} s", compile_s=compile_s, mode=mode,
+            eager_same_loop_ms=median_ms(t["eager"]))
 
 
 def compile_skip_reason(net: Network, args: argparse.Namespace, device: torch.device) -> str:
@@ -777,6 +817,13 @@ def targets(results: list[Results], device: torch.device) -> list[dict[str, Any]
                 x["worst_off"] if x else None, "|.| <= 0.05", x is not None and abs(x["worst_off"]) <= 0.05,
                 f"{worst['point']}: latency {worst['latency_ratio']:.3f}x, GFLOPs {worst['flops_ratio']:.3f}x"
                 if worst else "")
+        captured = res.get("edge_step", "captured compile")
+        value = captured["ratio"] if captured and captured["status"] == "ok" else None
+        gpu = device.type == "cuda"
+        add(res.network, "captured (compiled) edge step / eager edge step", value, "<= 0.33 (GPU)" if gpu else
+            "<= 1.0 (CPU)", value is not None and value <= (1 / 3 if gpu else 1.0),
+            f"compiling {captured['extra']['compile_s']:.0f} s, mode {captured['extra']['mode']}"
+            if value is not None else "")
         batched = res.get("trials_edge_step", f"batched K={KEPT_K}")
         value = batched["extra"].get("throughput_ratio") if batched and batched["status"] == "ok" else None
         gpu = device.type == "cuda"

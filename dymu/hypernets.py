@@ -79,7 +79,7 @@ class EdgeHypernet(nn.Module):
         return logits
 
 
-def gumbel_samples(logits: Tensor, temperature: float, generator: torch.Generator | None = None,
+def gumbel_samples(logits: Tensor, temperature: float | Tensor, generator: torch.Generator | None = None,
                    noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Gumbel-softmax samples of every child's parent: ``(hard straight-through, soft)``, shaped like ``logits``
     (``(L, N, N)``, or ``(G, L, N, N)`` for G preferences).

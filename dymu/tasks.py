@@ -53,6 +53,34 @@ def weighted_bce(logits: Tensor, target: Tensor, pos_weight: float | None) -> Te
     return F.binary_cross_entropy_with_logits(x, y, weight=weights)
 
 
+def masked_mean(values: Tensor, valid: Tensor) -> Tensor:
+    """The mean of ``values`` over ``valid`` (a boolean mask of the same shape), 0 when nothing is valid, with
+    static shapes and no branch: what ``values[valid].mean()`` computes, for a captured step
+    (``Task.static_loss``)."""
+    return torch.where(valid, values, torch.zeros_like(values)).sum() / valid.sum().clamp_min(1).to(values.dtype)
+
+
+def weighted_bce_static(logits: Tensor, target: Tensor, pos_weight: float | None) -> Tensor:
+    """``weighted_bce`` with static shapes and no branch (ignored pixels masked, not removed)."""
+    valid = target != IGNORE_INDEX
+    x = logits.float()
+    y = torch.where(valid, target, torch.zeros_like(target)).float()
+    if pos_weight is None:
+        w = (1.0 - masked_mean(y, valid)).detach()
+    else:
+        w = torch.tensor(pos_weight, device=x.device)
+    weights = w * y + (1.0 - w) * (1.0 - y)
+    return masked_mean(F.binary_cross_entropy_with_logits(x, y, weight=weights, reduction="none"), valid)
+
+
+def cross_entropy_static(pred: Tensor, target: Tensor) -> Tensor:
+    """``F.cross_entropy`` ignoring ``IGNORE_INDEX`` (the mean over the labelled elements), 0 when none is
+    labelled, without the branch that the tasks' ``loss`` needs for that case."""
+    target = target.long()
+    total = F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (target != IGNORE_INDEX).sum().clamp_min(1).to(total.dtype)
+
+
 class MaxThresholdIoU(torchmetrics.Metric):
     """Saliency: mean over images of the foreground IoU at each threshold of ``sigmoid(logits)``, maximised
     over the thresholds (0.2 to 0.9 in 15 steps by default). Pixels whose target is 255 are left out; an
@@ -105,6 +133,12 @@ class Task:
         """The unscaled loss ``L_t`` of a batch."""
         raise NotImplementedError
 
+    def static_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """``loss`` with static shapes and no data-dependent branch (invalid elements masked rather than
+        removed), so that ``torch.compile`` captures it in one graph (``dymu.training.captured_edge_loss``);
+        equal to ``loss`` up to rounding. The default is ``loss`` itself, for the tasks whose loss is static."""
+        return self.loss(pred, target)
+
     def make_metric(self) -> torchmetrics.Metric:
         """A fresh torchmetrics metric for this task's primary measure."""
         raise NotImplementedError
@@ -137,6 +171,9 @@ class SemanticSegmentation(Task):
             return pred.sum() * 0.0
         return F.cross_entropy(pred, target.long(), ignore_index=IGNORE_INDEX)
 
+    def static_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        return cross_entropy_static(pred, target)
+
     def make_metric(self) -> torchmetrics.Metric:
         return torchmetrics.classification.MulticlassJaccardIndex(
             num_classes=self.out_channels, ignore_index=IGNORE_INDEX, average="macro"
@@ -161,6 +198,9 @@ class Depth(Task):
         if not valid.any():
             return pred.sum() * 0.0
         return F.l1_loss(pred[valid], target[valid])
+
+    def static_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        return masked_mean((pred - target).abs(), target > 0)
 
     def make_metric(self) -> torchmetrics.Metric:
         return torchmetrics.MeanSquaredError(squared=False)
@@ -190,6 +230,10 @@ class SurfaceNormals(Task):
             return pred.sum() * 0.0
         return F.l1_loss(F.normalize(pred, dim=1)[valid], target[valid])
 
+    def static_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        valid = (target.abs().sum(dim=1, keepdim=True) > 0).expand_as(target)
+        return masked_mean((F.normalize(pred, dim=1) - target).abs(), valid)
+
     def make_metric(self) -> torchmetrics.Metric:
         return MeanAngularError()
 
@@ -212,6 +256,9 @@ class Edges(Task):
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
         return weighted_bce(pred, target, self.pos_weight)
+
+    def static_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        return weighted_bce_static(pred, target, self.pos_weight)
 
     def make_metric(self) -> torchmetrics.Metric:
         return torchmetrics.MeanMetric()
@@ -241,6 +288,9 @@ class Saliency(Task):
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
         return weighted_bce(pred, target, None)
+
+    def static_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        return weighted_bce_static(pred, target, None)
 
     def make_metric(self) -> torchmetrics.Metric:
         return MaxThresholdIoU()
@@ -274,6 +324,9 @@ class Classification(Task):
         if not (target != IGNORE_INDEX).any():
             return pred.sum() * 0.0
         return F.cross_entropy(pred, target.long(), ignore_index=IGNORE_INDEX)
+
+    def static_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        return cross_entropy_static(pred, target)
 
     def make_metric(self) -> torchmetrics.Metric:
         return torchmetrics.classification.MulticlassAccuracy(

@@ -104,6 +104,48 @@ def edge_search_loss(anchor: AnchorNet, edge_hypernet: EdgeHypernet, tasks: Sequ
     return out
 
 
+def group_index(batch_size: int, groups: int) -> list[int]:
+    """Each sample's preference group (``group_slices``'s contiguous groups), as a list of ``batch_size`` ints."""
+    return [g for g, part in enumerate(group_slices(batch_size, groups)) for _ in range(part.stop - part.start)]
+
+
+def captured_edge_loss(anchor: AnchorNet, edge_hypernet: EdgeHypernet, tasks: Sequence[Task], scales: Tensor,
+                       batch: Batch, r: Tensor, c: Tensor, temperature: Tensor, affinity: Tensor,
+                       regularizer: Mapping[str, Any], noise: Tensor | None = None, straight_through: bool = True
+                       ) -> dict[str, Tensor]:
+    """``edge_search_loss`` as a function that ``torch.compile`` captures in one graph (``fullgraph=True``; CUDA
+    graphs with ``mode="reduce-overhead"``): tensors in, tensors out, static shapes, no ``.item()`` and no
+    branch on data.
+
+    What differs from ``edge_search_loss``, which stays the eager step: the preferences come as tensors ``r``
+    ``(G, N)`` and ``c`` ``(G,)`` (``preference_tensors``; Preference objects would be guarded as constants and
+    recompile every step), the temperature as a 0-d tensor on the batch's device (a float would recompile at
+    every change of the schedule), the Gumbel noise is drawn inside when ``noise`` is None (from the global random
+    state; a compiled graph draws it with the compiler's generator), every group's task losses are the tasks'
+    ``static_loss`` (invalid elements masked, not removed; equal up to rounding), and each sample's group is an
+    index computed from the batch size (no ``repeat_interleave`` of a tensor of sizes, whose output size is
+    data-dependent). Same arguments and outputs otherwise; equal to ``edge_search_loss`` with the same noise
+    (tested, eager and compiled).
+    """
+    image = batch["image"]
+    parts = group_slices(image.shape[0], r.shape[0])
+    r, c = r[:len(parts)], c[:len(parts)]
+    logits = edge_hypernet(r, c)
+    hard, soft = gumbel_samples(logits, temperature, noise=None if noise is None else noise[:len(parts)])
+    index = torch.tensor(group_index(image.shape[0], len(parts)), device=image.device)
+    outputs = anchor(image, samples=(hard if straight_through else soft).index_select(0, index))
+    task_terms = []
+    for g, part in enumerate(parts):
+        losses = torch.stack([t.static_loss(outputs[t.name][part], batch[t.name][part]) for t in tasks])
+        task_terms.append(preference_loss(losses, r[g], scales))
+    reg = omega(soft, r, c, affinity, **regularizer)
+    out = {key: reg[key].mean() for key in ("omega", "active", "inactive")}
+    out["expected_used_fraction"] = reg["usage"][:, :-1].mean()
+    out["task_loss"] = torch.stack(task_terms).mean()
+    out["loss"] = out["task_loss"] + out["omega"]
+    return out
+
+
 def weight_adaptation_loss(model: DynamicMultiTaskModel, tasks: Sequence[Task], scales: Tensor, batch: Batch,
                            prefs: Sequence[Preference]) -> dict[str, Tensor]:
     """Stage 3's objective ``mean_g L_task(r_g)`` of the adapted maximum-likelihood trees, one group per

@@ -12,11 +12,12 @@ from torch import Tensor
 from dymu.affinity import load_affinity
 from dymu.backbones.base import Backbone
 from dymu.batched_trials import gumbel_noise, noise_generator
+from dymu.captured import CapturedStep, check_compile_step, resolve_compile_step
 from dymu.controller import MeasuredController, Trees, measure_path_losses, same_tree
 from dymu.preference import Preference
 from dymu.regularizer import layer_weights
 from dymu.search_space import Architecture
-from dymu.training import edge_search_loss, preference_tensors, temperature_at
+from dymu.training import captured_edge_loss, edge_search_loss, preference_tensors, temperature_at
 from lightning_modules.base import FrozenAnchorMixin, PreferenceSampler, StageModule, default_optimizer
 
 SEARCHES = ("gumbel", "measured")
@@ -68,6 +69,13 @@ class EdgeHypernetSearch(FrozenAnchorMixin, StageModule):
             epoch)`` (``FrozenAnchorMixin.on_train_epoch_start``) instead of the global random state (the default,
             False). A run's samples then depend on its settings alone, which is what lets ``dymu sweep
             --batch_trials K`` train K trials in one process and give each the run it would have alone.
+        compile_step: the Gumbel search's training step compiled whole (``dymu.captured``): ``"off"`` (the default,
+            the eager step), ``"default"`` (``torch.compile``), ``"reduce-overhead"`` (``torch.compile`` with CUDA
+            graphs) or ``"auto"`` (``"reduce-overhead"`` on CUDA, ``"off"`` on CPU, where compiling measured no
+            faster: docs/performance.md, "A captured edge step"). The compiled step is
+            ``dymu.training.captured_edge_loss``: the same objective with static shapes, the noise drawn inside
+            (or the seeded noise passed in), equal to the eager step up to rounding; a compile error falls back to
+            the eager step with one warning. The first step compiles (minutes on a CPU).
         val_preferences: random preferences per ``c`` in {0, 1} at validation (plus the uniform one).
     """
 
@@ -84,10 +92,14 @@ class EdgeHypernetSearch(FrozenAnchorMixin, StageModule):
                  optimizer: OptimizerCallable = default_optimizer,
                  lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0, val_preferences: int = 4,
                  search: str = "gumbel", base_frugality: float = 0.1, cost_metric: str = "params",
-                 floor_break_even: float = 0.9, seeded_sampling: bool = False) -> None:
+                 floor_break_even: float = 0.9, seeded_sampling: bool = False,
+                 compile_step: str = "off") -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, loss_scales=loss_scales)
         self.sampler = PreferenceSampler(dirichlet_eta, preference_groups, seed)
         self.seed, self.num_val_preferences, self.seeded_sampling = seed, val_preferences, seeded_sampling
+        self.compile_step = check_compile_step(compile_step)
+        self.captured: CapturedStep | None = None  # built at the first compiled step (the device is known then)
+        self.step_mode: str | None = None  # what compile_step means on this device, resolved then
         # seed: not a hyperparameter to log (the data module has its own `seed`, and loggers refuse two values)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "seed"])
         self.edge_args: dict[str, Any] = {"embed_dim": embed_dim, "hidden": hidden}
@@ -175,15 +187,33 @@ class EdgeHypernetSearch(FrozenAnchorMixin, StageModule):
         if self.search == "measured":
             return self.distillation_step()
         temperature = self.temperature()
-        out = edge_search_loss(self.model.anchor, self.model.edge_hypernet, self.tasks, self.scales, batch,
-                               self.training_preferences(), temperature, self.affinity, self.regularizer,
-                               noise=self.step_noise(), straight_through=self.straight_through)
+        out = self.captured_loss(batch, temperature)
+        if out is None:
+            out = edge_search_loss(self.model.anchor, self.model.edge_hypernet, self.tasks, self.scales, batch,
+                                   self.training_preferences(), temperature, self.affinity, self.regularizer,
+                                   noise=self.step_noise(), straight_through=self.straight_through)
         self.log_dict({"train/task_loss": out["task_loss"], "train/omega": out["omega"],
                        "train/omega_active": out["active"], "train/omega_inactive": out["inactive"],
                        "train/temperature": temperature,
                        "train/expected_used_fraction": out["expected_used_fraction"]})
         self.log("train/loss", out["loss"], prog_bar=True)
         return out["loss"]
+
+    def captured_loss(self, batch: dict[str, Tensor], temperature: float) -> dict[str, Tensor] | None:
+        """The step's objective from the compiled ``captured_edge_loss`` (``compile_step``); None where the
+        setting means ``"off"`` on this device or compiling failed (the caller runs the eager step)."""
+        if self.step_mode is None:
+            self.step_mode = resolve_compile_step(self.compile_step, self.device)
+        if self.step_mode == "off":
+            return None
+        if self.captured is None:
+            self.captured = CapturedStep(captured_edge_loss, self.step_mode, "edge")
+        r, c = preference_tensors(self.training_preferences(), "cpu")
+        tensors = {key: value for key, value in batch.items() if isinstance(value, Tensor)}
+        return self.captured(self.model.anchor, self.model.edge_hypernet, self.tasks, self.scales, tensors,
+                             r.to(self.device), c.to(self.device),
+                             torch.tensor(temperature, dtype=torch.float32, device=self.device), self.affinity,
+                             self.regularizer, self.step_noise(), self.straight_through)
 
     def step_noise(self) -> Tensor | None:
         """With ``seeded_sampling``: this step's standard Gumbel noise ``(G, L, N, N)`` from the generator seeded by

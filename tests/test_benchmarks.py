@@ -51,7 +51,7 @@ def test_quick_run_writes_every_row_and_prints_the_table(tmp_path):
     for net in NETWORKS:
         check_deploy_rows(net.name, rows)
     targets = {(t["network"], t["target"]): t for t in report["targets"]}
-    assert len(targets) == 9 * len(NETWORKS)
+    assert len(targets) == 10 * len(NETWORKS)
     folded = targets[("quickstart", "folded / hand-built static latency (worse of batch 1, large batch)")]
     assert folded["value"] == max(rows[("quickstart", "deploy_folded", v)]["ratio"] for v in DEPLOY_BATCHES)
     table = proc.stdout
