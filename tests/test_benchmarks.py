@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HAS_ONNX = all(has_package(p) for p in ("onnx", "onnxscript", "onnxruntime"))
 
 
+@pytest.mark.slow  # 65-90 s; the suite's default run took 922 s on a fresh clone. The benchmark's own code paths
+# (folding, ONNX, stacked trials, captured step) have their fast tests in test_deploy, test_batched_trials, ...
 def test_quick_run_writes_every_row_and_prints_the_table(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
