@@ -11,7 +11,8 @@ The settings (``COMPILE_STEPS``):
 - ``"reduce-overhead"``: inductor plus CUDA graphs (the forward and backward graphs replayed as one launch each,
   what the launch-bound GPU step needs; CUDA only, torch skips the graphs elsewhere);
 - ``"auto"``: ``"reduce-overhead"`` on CUDA, ``AUTO_ON_CPU`` elsewhere (``"off"``: on the 2-core CPU the compiled
-  quickstart edge step was not faster than eager, and compiling it takes minutes).
+  quickstart edge step took 0.75-0.91x the eager time, but compiling it takes about 2 minutes, which pays back
+  only after about 10,000 steps at batch 8).
 """
 
 from __future__ import annotations
