@@ -31,6 +31,9 @@ def linear_temperature(step: int, total_steps: int, warmup_steps: int, start: fl
     return start + (end - start) * progress
 
 
+ARCH_STEPS = ("batch", "phase")
+
+
 class BmtasSearch(FoundTreeMixin, StageModule):
     """BMTAS: per-task routings through the anchor's supergraph, searched with the resource loss.
 
@@ -78,7 +81,8 @@ class BmtasSearch(FoundTreeMixin, StageModule):
                  arch_fraction: float = 0.2, arch_lr: float = 0.01, arch_weight_decay: float = 5e-5,
                  loss_scales: str = "config", optimizer: OptimizerCallable = bmtas_optimizer,
                  lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0,
-                 reset_arch_optimizer: bool = True) -> None:
+                 reset_arch_optimizer: bool = True, arch_samples: int = 1, resource_ramp: float = 0.0,
+                 arch_step: str = "batch", weight_uniform_share: float = 0.0) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, loss_scales=loss_scales,
                          scales_checkpoint=anchor_checkpoint)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "seed"])
@@ -87,6 +91,9 @@ class BmtasSearch(FoundTreeMixin, StageModule):
             raise ValueError(f"need resource_weight >= 0, warmup_steps >= 0, positive temperatures and arch_lr > 0; "
                              f"got {resource_weight}, {warmup_steps}, {temperature_start}, {temperature_end}, "
                              f"{arch_lr}")
+        if arch_samples < 1 or not 0 <= resource_ramp <= 1 or arch_step not in ARCH_STEPS:
+            raise ValueError(f"need arch_samples >= 1, resource_ramp in [0, 1] and arch_step in {ARCH_STEPS}; got "
+                             f"{arch_samples}, {resource_ramp}, {arch_step!r}")
         if not 0 < arch_fraction < 1:
             raise ValueError(f"arch_fraction (the architecture split's share) must lie in (0, 1), got {arch_fraction}")
         self.resource_weight, self.init, self.seed = resource_weight, init, seed
@@ -94,6 +101,8 @@ class BmtasSearch(FoundTreeMixin, StageModule):
         self.temperature_start, self.temperature_end = temperature_start, temperature_end
         self.arch_fraction, self.arch_lr, self.arch_weight_decay = arch_fraction, arch_lr, arch_weight_decay
         self.reset_arch_optimizer = reset_arch_optimizer
+        self.arch_samples, self.resource_ramp, self.arch_step = arch_samples, resource_ramp, arch_step
+        self.weight_uniform_share = weight_uniform_share
         check_tree_init(self.stage_name, init, anchor_checkpoint, backbone, task_configs)
         self.anchor_checkpoint, self.backbone, self.input_shape = anchor_checkpoint, backbone, input_shape
         self.resource = resource
@@ -137,6 +146,13 @@ class BmtasSearch(FoundTreeMixin, StageModule):
         return linear_temperature(self.global_step, self.total_steps(), self.warmup_steps(),
                                   self.temperature_start, self.temperature_end)
 
+    def current_resource_weight(self) -> float:
+        """lambda, ramped linearly from 0 over the first ``resource_ramp`` of the steps after the warm-up."""
+        if self.resource_ramp == 0:
+            return self.resource_weight
+        span = self.resource_ramp * max(1, self.total_steps() - self.warmup_steps())
+        return self.resource_weight * min(1.0, max(0, self.global_step - self.warmup_steps()) / span)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         warmup = self.warmup_steps()
         if self.global_step < warmup:
@@ -146,7 +162,8 @@ class BmtasSearch(FoundTreeMixin, StageModule):
                 self.architecture_phase()
                 self._last_arch_epoch = self.current_epoch
             temperature = self.temperature()
-            loss, losses = self.task_objective(self.model.search_forward(batch["image"], temperature), batch)
+            loss, losses = self.task_objective(
+                self.model.search_forward(batch["image"], temperature, uniform_share=self.weight_uniform_share), batch)
             self.log("train/temperature", temperature)
         self.log("train/loss", loss, prog_bar=True)
         self.log_task_losses("train", losses)
@@ -160,20 +177,29 @@ class BmtasSearch(FoundTreeMixin, StageModule):
         logits = self.model.logits
         if self.arch_optimizer is None or self.reset_arch_optimizer:
             self.arch_optimizer = torch.optim.Adam([logits], lr=self.arch_lr, weight_decay=self.arch_weight_decay)
-        temperature = self.temperature()
+        temperature, weight = self.temperature(), self.current_resource_weight()
         totals = []
         self.model.expected_cost()  # measured once at batch 1, before BatchNorm1d on batch statistics would refuse it
+        n_batches = len(self.arch_loader)
         with batch_statistics(self.model.anchor):
-            for batch in self.arch_loader:
+            for index, batch in enumerate(self.arch_loader):
                 batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                task_loss, _ = self.task_objective(self.model.search_forward(batch["image"], temperature), batch)
+                task_loss = torch.stack([self.task_objective(self.model.search_forward(batch["image"], temperature),
+                                                             batch)[0] for _ in range(self.arch_samples)]).mean()
                 resource = self.model.resource_loss()
-                loss = task_loss + self.resource_weight * resource
+                loss = task_loss + weight * resource
                 # only the logits' gradient: the weights' gradients and DDP's hooks stay untouched
                 (grad,) = torch.autograd.grad(loss, [logits])
-                logits.grad = self.trainer.strategy.reduce(grad, reduce_op="mean")
-                self.arch_optimizer.step()
-                logits.grad = None
+                if self.arch_step == "phase":  # one step per phase on the phase's mean gradient
+                    logits.grad = grad / n_batches if logits.grad is None else logits.grad + grad / n_batches
+                    if index == n_batches - 1:
+                        logits.grad = self.trainer.strategy.reduce(logits.grad, reduce_op="mean")
+                        self.arch_optimizer.step()
+                        logits.grad = None
+                else:
+                    logits.grad = self.trainer.strategy.reduce(grad, reduce_op="mean")
+                    self.arch_optimizer.step()
+                    logits.grad = None
                 totals.append(torch.stack([loss.detach(), task_loss.detach(), resource.detach()]))
         # the architecture changed: fresh weight-optimizer moments and BatchNorm statistics (appendix A)
         for optimizer in self.trainer.optimizers:

@@ -295,6 +295,60 @@ def test_bmtas_architecture_adam_is_reset_per_phase_or_kept(anchor_ckpt, tmp_pat
     assert (len({id(o) for o in phase_optimizers}) == 3) is reset
 
 
+def test_bmtas_phase_options_count_samples_steps_and_ramp(anchor_ckpt, tmp_path):
+    """arch_samples draws that many Gumbel samples per architecture batch, arch_step="phase" takes one routing step
+    per phase on the phase's mean gradient, resource_ramp raises lambda linearly from 0 after the warm-up."""
+    torch.manual_seed(0)
+    module = BmtasSearch(anchor_checkpoint=anchor_ckpt, task_configs=task_configs(), arch_lr=0.2, arch_samples=3,
+                         arch_step="phase", reset_arch_optimizer=False, resource_ramp=0.5, warmup_steps=2)
+    calls = []
+    original = module.model.search_forward
+
+    def counting_forward(*args, **kwargs):
+        calls.append(module.model.training)
+        return original(*args, **kwargs)
+
+    module.model.search_forward = counting_forward
+    weights = []
+    original_phase = module.architecture_phase
+
+    def recording_phase():
+        weights.append((module.global_step, module.current_resource_weight()))
+        original_phase()
+
+    module.architecture_phase = recording_phase
+    fit(module, tmp_path, steps=-1, dm=data(num_train=40), max_epochs=4, limit_train_batches=2, limit_val_batches=0)
+    per_phase = len(module.arch_loader)
+    phases = len(weights)
+    assert phases == 3 and per_phase >= 2  # epochs 1-3: the first two steps are the warm-up
+    assert int(module.arch_optimizer.state[module.model.logits]["step"]) == phases  # one step per phase
+    weight_steps = 8 - 2
+    assert len(calls) == phases * per_phase * 3 + weight_steps
+    # lambda: 0 at the first search step (step 2), 2/3 of it two steps later, all of it from step 5 on
+    assert [w for _, w in weights] == pytest.approx([0.0, 0.5 * 2 / 3, 0.5])
+    with pytest.raises(ValueError, match="arch_samples >= 1"):
+        BmtasSearch(anchor_checkpoint=anchor_ckpt, task_configs=task_configs(), arch_samples=0)
+    with pytest.raises(ValueError, match="arch_step in"):
+        BmtasSearch(anchor_checkpoint=anchor_ckpt, task_configs=task_configs(), arch_step="epoch")
+
+
+def test_bmtas_uniform_share_mixes_every_candidate_into_every_task():
+    torch.manual_seed(0)
+    model = BmtasNet(backbone(), task_objects(), INPUT).eval()
+    with torch.no_grad():
+        model.logits.normal_(0, 3)
+    x, noise = images(), torch.zeros_like(model.logits)
+    uniform = torch.full((model.anchor.n_layers, model.n_tasks), 1 / model.n_tasks)
+    with torch.no_grad():
+        mixed = model.search_forward(x, 1.0, noise=noise, uniform_share=1.0)  # the uniform mixture only
+        for t, name in enumerate(model.task_names):
+            torch.testing.assert_close(mixed[name], model.task_forward(x, t, uniform))
+        half = model.search_forward(x, 1.0, noise=noise, uniform_share=0.5)
+        soft = model.logits.softmax(dim=-1)
+        for t, name in enumerate(model.task_names):
+            torch.testing.assert_close(half[name], model.task_forward(x, t, 0.5 * soft[:, t] + 0.5 * uniform))
+
+
 # ---------------------------------------------------------------------------------------- feature partitioning
 
 

@@ -288,13 +288,18 @@ class BmtasNet(TreeSearchNet):
             path.append(torch.einsum("s,s...->...", weights[layer].to(outputs.dtype), outputs))
         return self.anchor.heads[task](path)
 
-    def search_forward(self, x: Tensor, temperature: float, noise: Tensor | None = None) -> dict[str, Tensor]:
+    def search_forward(self, x: Tensor, temperature: float, noise: Tensor | None = None,
+                       uniform_share: float = 0.0) -> dict[str, Tensor]:
         """Every task's output through its own soft Gumbel-softmax sample of the supergraph (one forward per task).
 
         Args:
             x: input batch.
             temperature: Gumbel-softmax temperature.
             noise: standard Gumbel noise shaped like the logits (tests); default: drawn.
+            uniform_share: the share of the uniform mixture in every task's weights (``(1 - share) * sample +
+                share / N``), so that every candidate keeps training on every task.
         """
         _, soft = gumbel_samples(self.logits, temperature, noise=noise)
+        if uniform_share:
+            soft = (1 - uniform_share) * soft + uniform_share / soft.shape[-1]
         return {name: self.task_forward(x, t, soft[:, t]) for t, name in enumerate(self.task_names)}
