@@ -73,20 +73,26 @@ def fixed_trees(dm, make_backbone, steps: int, seeds: list[int]) -> None:
         print(f"  {name:24s} all {mean.mean():.4f}  group a {mean[:3].mean():.4f}  group b {mean[3:].mean():.4f}")
 
 
-def gradient_signal(dm, make_backbone, warmup: int, batches: int) -> None:
+def gradient_signal(dm, make_backbone, warmup: int, batches: int, samples: list[int]) -> None:
+    """The task loss's gradient on the routing logits after the warm-up, per batch, with its loss averaged over
+    ``k`` Gumbel samples (``BmtasSearch(arch_samples=k)``): mean over batches against the spread."""
     torch.manual_seed(0)
     net = BmtasNet(make_backbone(), dm.tasks, input_shape=dm.input_shape)
     train(net.anchor, dm, warmup, net.anchor)  # the warm-up: every stream on its own task
     for temperature in (5.0, 1.0):
-        grads = []
-        for i, batch in enumerate(dm.train_dataloader()):
-            loss = task_losses(dm.tasks, net.search_forward(batch["image"], temperature), batch).mean()
-            grads.append(torch.autograd.grad(loss, [net.logits])[0])
-            if i + 1 >= batches:
-                break
-        g = torch.stack(grads)
-        print(f"temperature {temperature:g}: task-loss gradient on the logits, mean abs {g.mean(0).abs().mean():.1e}, "
-              f"per-batch signal-to-noise |mean| / sd {(g.mean(0).abs() / g.std(0)).mean():.2f}")
+        for k in samples:
+            torch.manual_seed(1)
+            grads = []
+            for i, batch in enumerate(dm.train_dataloader()):
+                loss = torch.stack([task_losses(dm.tasks, net.search_forward(batch["image"], temperature), batch).mean()
+                                    for _ in range(k)]).mean()
+                grads.append(torch.autograd.grad(loss, [net.logits])[0])
+                if i + 1 >= batches:
+                    break
+            g = torch.stack(grads)
+            print(f"temperature {temperature:g}, {k} Gumbel sample(s) per batch: task-loss gradient on the logits, "
+                  f"mean abs {g.mean(0).abs().mean():.1e}, per-batch signal-to-noise |mean| / sd "
+                  f"{(g.mean(0).abs() / g.std(0)).mean():.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,11 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="the data's seed")
     parser.add_argument("--steps", type=int, default=1000, help="training steps of each fixed tree")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--samples", type=int, nargs="+", default=[1, 4],
+                        help="Gumbel samples per batch in the gradient check (arch_samples)")
+    parser.add_argument("--gradient_only", action="store_true", help="skip the fixed trees")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     dm, make_backbone = setup(args)
-    fixed_trees(dm, make_backbone, args.steps, args.seeds)
-    gradient_signal(dm, make_backbone, warmup=200, batches=16)
+    if not args.gradient_only:
+        fixed_trees(dm, make_backbone, args.steps, args.seeds)
+    gradient_signal(dm, make_backbone, warmup=200, batches=16, samples=args.samples)
     return 0
 
 
