@@ -95,13 +95,15 @@ def grouping_text(partition: tuple[tuple[int, ...], ...], names: list[str]) -> s
 
 def score_tree(tree: Any, truth: list[int], paper: list[int] | None = None) -> dict[str, Any]:
     """The found tree's groupings, the deepest shared layer's and its adjusted Rand index against ``truth`` (the
-    activations) and against ``paper`` (the grouping the paper's figure shows, when given)."""
+    activations) and against ``paper`` (the grouping the paper's figure shows, when given); ``within_groups``:
+    some tasks share that layer and no node of it mixes two true groups (the grouping refines the truth)."""
     layer, grouping = deepest_shared_grouping(tree)
     labels = partition_labels(grouping, len(truth))
     groupings = tree_groupings(tree)
     return {"tree": tree.to_list(), "groupings": [list(map(list, g)) for g in groupings],
             "groups_per_layer": [len(g) for g in groupings],
             "deepest_shared_layer": layer, "grouping": [list(b) for b in grouping],
+            "within_groups": layer is not None and all(len({truth[t] for t in block}) == 1 for block in grouping),
             "ari": adjusted_rand_index(truth, labels),
             "ari_paper": None if paper is None else adjusted_rand_index(paper, labels)}
 
@@ -114,14 +116,17 @@ def render(results: list[dict[str, Any]], names: list[str], truth_groups: list[l
              f"BMTAS {args.bmtas_steps} steps (warm-up {args.bmtas_warmup}, resource weight {args.bmtas_lambda:g}, "
              f"architecture lr {args.bmtas_arch_lr:g}, {args.bmtas_samples} Gumbel samples per architecture batch). "
              "Layers 0-based; the heads read the last.", "",
-             "| search | seed | groups per layer | deepest shared layer | its grouping | ARI | ARI vs the paper's figure |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| search | seed | groups per layer | deepest shared layer | its grouping | within groups | ARI | "
+             "ARI vs the paper's figure |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         layer = "-" if r["deepest_shared_layer"] is None else str(r["deepest_shared_layer"])
         paper = "-" if r.get("ari_paper") is None else f"{r['ari_paper']:.2f}"
         lines.append(f"| {LABELS[r['search']]} | {r['seed']} | {'-'.join(map(str, r['groups_per_layer']))} | {layer} | "
-                     f"{grouping_text(tuple(map(tuple, r['grouping'])), names)} | {r['ari']:.2f} | {paper} |")
-    lines += ["", "| search | mean ARI | sd | mean ARI vs the paper's figure | seeds |", "| --- | --- | --- | --- | --- |"]
+                     f"{grouping_text(tuple(map(tuple, r['grouping'])), names)} | "
+                     f"{'yes' if r['within_groups'] else 'no'} | {r['ari']:.2f} | {paper} |")
+    lines += ["", "| search | mean ARI | sd | mean ARI vs the paper's figure | ARI 1 | within groups | seeds |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for search in SEARCHES:
         rows = [r for r in results if r["search"] == search]
         if rows:
@@ -129,7 +134,10 @@ def render(results: list[dict[str, Any]], names: list[str], truth_groups: list[l
             sd = statistics.stdev(aris) if len(aris) > 1 else 0.0
             papers = [r["ari_paper"] for r in rows if r.get("ari_paper") is not None]
             paper = f"{statistics.mean(papers):.2f}" if papers else "-"
-            lines.append(f"| {LABELS[search]} | {statistics.mean(aris):.2f} | {sd:.2f} | {paper} | {len(aris)} |")
+            exact = sum(a > 1 - 1e-9 for a in aris)
+            within = sum(r["within_groups"] for r in rows)
+            lines.append(f"| {LABELS[search]} | {statistics.mean(aris):.2f} | {sd:.2f} | {paper} | {exact} | {within} | "
+                         f"{len(aris)} |")
     return "\n".join(lines) + "\n"
 
 
