@@ -103,9 +103,11 @@ class BmtasSearch(FoundTreeMixin, StageModule):
             raise ValueError(f"need resource_weight >= 0, warmup_steps >= 0, positive temperatures and arch_lr > 0; "
                              f"got {resource_weight}, {warmup_steps}, {temperature_start}, {temperature_end}, "
                              f"{arch_lr}")
-        if arch_samples < 1 or not 0 <= resource_ramp <= 1 or arch_step not in ARCH_STEPS:
-            raise ValueError(f"need arch_samples >= 1, resource_ramp in [0, 1] and arch_step in {ARCH_STEPS}; got "
-                             f"{arch_samples}, {resource_ramp}, {arch_step!r}")
+        if arch_samples < 1 or not 0 <= resource_ramp <= 1 or arch_step not in ARCH_STEPS or not (
+                0 <= weight_uniform_share <= 1):
+            raise ValueError(f"need arch_samples >= 1, resource_ramp in [0, 1], weight_uniform_share in [0, 1] and "
+                             f"arch_step in {ARCH_STEPS}; got {arch_samples}, {resource_ramp}, {weight_uniform_share}, "
+                             f"{arch_step!r}")
         if not 0 < arch_fraction < 1:
             raise ValueError(f"arch_fraction (the architecture split's share) must lie in (0, 1), got {arch_fraction}")
         self.resource_weight, self.init, self.seed = resource_weight, init, seed
@@ -196,12 +198,16 @@ class BmtasSearch(FoundTreeMixin, StageModule):
         with batch_statistics(self.model.anchor):
             for index, batch in enumerate(self.arch_loader):
                 batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                task_loss = torch.stack([self.task_objective(self.model.search_forward(batch["image"], temperature),
-                                                             batch)[0] for _ in range(self.arch_samples)]).mean()
+                # only the logits' gradient (the weights' gradients and DDP's hooks stay untouched), one sample's
+                # graph at a time: the mean task loss over arch_samples samples, plus the resource loss
                 resource = self.model.resource_loss()
-                loss = task_loss + weight * resource
-                # only the logits' gradient: the weights' gradients and DDP's hooks stay untouched
-                (grad,) = torch.autograd.grad(loss, [logits])
+                (grad,) = torch.autograd.grad(weight * resource, [logits])
+                task_loss = torch.zeros((), device=logits.device)
+                for _ in range(self.arch_samples):
+                    sample_loss, _ = self.task_objective(self.model.search_forward(batch["image"], temperature), batch)
+                    grad = grad + torch.autograd.grad(sample_loss / self.arch_samples, [logits])[0]
+                    task_loss = task_loss + sample_loss.detach() / self.arch_samples
+                loss = task_loss + weight * resource.detach()
                 if self.arch_step == "phase":  # one step per phase on the phase's mean gradient
                     logits.grad = grad / n_batches if logits.grad is None else logits.grad + grad / n_batches
                     if index == n_batches - 1:

@@ -330,6 +330,8 @@ def test_bmtas_phase_options_count_samples_steps_and_ramp(anchor_ckpt, tmp_path)
         BmtasSearch(anchor_checkpoint=anchor_ckpt, task_configs=task_configs(), arch_samples=0)
     with pytest.raises(ValueError, match="arch_step in"):
         BmtasSearch(anchor_checkpoint=anchor_ckpt, task_configs=task_configs(), arch_step="epoch")
+    with pytest.raises(ValueError, match="weight_uniform_share in"):
+        BmtasSearch(anchor_checkpoint=anchor_ckpt, task_configs=task_configs(), weight_uniform_share=1.5)
 
 
 def test_bmtas_uniform_share_mixes_every_candidate_into_every_task():
