@@ -71,10 +71,10 @@ class BmtasSearch(FoundTreeMixin, StageModule):
         reset_arch_optimizer: reset the routing logits' Adam moments at every architecture phase (the authors'
             code, default); ``False`` keeps them across phases (docs/results.md, "BMTAS on a held-out grouping":
             with this data's 4-batch phases a reset makes every arch step a near sign step).
-        arch_samples: Gumbel samples per architecture batch; the step's task loss is their mean. Default 4 (ours;
-            the authors' code draws 1): with one sample the noise of the sample decides the first layers' routing
-            before the task loss does, and on docs/results.md's held-out grouping the search found the
-            activations in 1 of 5 seeds, with 4 in 5 of 5, for 1.5x the search's time.
+        arch_samples: Gumbel samples per architecture batch, the step's task loss their mean (default 1, the
+            authors'). More samples cut the sample's part of the gradient's noise (docs/results.md, "BMTAS on a
+            held-out grouping": signal-to-noise 0.57 -> 0.87 with 4), but on that grouping 4 did not find it more
+            often than 1 over 13 and 10 runs, so it is an option.
         arch_step: ``"batch"`` (a routing step per architecture batch, the authors') or ``"phase"`` (one step per
             phase on the phase's mean gradient).
         resource_ramp: the share of the search (the steps after the warm-up) over which lambda rises linearly
@@ -93,7 +93,7 @@ class BmtasSearch(FoundTreeMixin, StageModule):
                  arch_fraction: float = 0.2, arch_lr: float = 0.01, arch_weight_decay: float = 5e-5,
                  loss_scales: str = "config", optimizer: OptimizerCallable = bmtas_optimizer,
                  lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0,
-                 reset_arch_optimizer: bool = True, arch_samples: int = 4, resource_ramp: float = 0.0,
+                 reset_arch_optimizer: bool = True, arch_samples: int = 1, resource_ramp: float = 0.0,
                  arch_step: str = "batch", weight_uniform_share: float = 0.0) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, loss_scales=loss_scales,
                          scales_checkpoint=anchor_checkpoint)
@@ -200,13 +200,15 @@ class BmtasSearch(FoundTreeMixin, StageModule):
                 batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
                 # only the logits' gradient (the weights' gradients and DDP's hooks stay untouched), one sample's
                 # graph at a time: the mean task loss over arch_samples samples, plus the resource loss
+                samples = self.arch_samples
+                first, _ = self.task_objective(self.model.search_forward(batch["image"], temperature), batch)
                 resource = self.model.resource_loss()
-                (grad,) = torch.autograd.grad(weight * resource, [logits])
-                task_loss = torch.zeros((), device=logits.device)
-                for _ in range(self.arch_samples):
+                (grad,) = torch.autograd.grad(first / samples + weight * resource, [logits])
+                task_loss = first.detach() / samples
+                for _ in range(samples - 1):
                     sample_loss, _ = self.task_objective(self.model.search_forward(batch["image"], temperature), batch)
-                    grad = grad + torch.autograd.grad(sample_loss / self.arch_samples, [logits])[0]
-                    task_loss = task_loss + sample_loss.detach() / self.arch_samples
+                    grad = grad + torch.autograd.grad(sample_loss / samples, [logits])[0]
+                    task_loss = task_loss + sample_loss.detach() / samples
                 loss = task_loss + weight * resource.detach()
                 if self.arch_step == "phase":  # one step per phase on the phase's mean gradient
                     logits.grad = grad / n_batches if logits.grad is None else logits.grad + grad / n_batches

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bmtas_warmup", type=int, default=200)
     parser.add_argument("--bmtas_lambda", type=float, default=0.2, help="BMTAS's resource weight")
     parser.add_argument("--bmtas_arch_lr", type=float, default=0.05)
-    parser.add_argument("--bmtas_samples", type=int, default=4,
+    parser.add_argument("--bmtas_samples", type=int, default=1,
                         help="Gumbel samples per architecture batch (BmtasSearch's arch_samples; the authors' code: 1)")
     parser.add_argument("--setting", choices=sorted(PAPER_SETTINGS), default=None,
                         help="one of LTB's figure-3 settings at its scale (15 tasks, Z in R^200, T in R^100); "
