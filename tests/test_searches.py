@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import Callback
 
 from datamodules.base import holdout_indices
-from dymu.anchor import count_parameters
+from dymu.anchor import batch_statistics, count_parameters
 from dymu.baselines.base import load_baseline, shared_network
 from dymu.baselines.bmtas import (
     BmtasNet,
@@ -332,6 +332,58 @@ def test_bmtas_phase_options_count_samples_steps_and_ramp(anchor_ckpt, tmp_path)
         BmtasSearch(anchor_checkpoint=anchor_ckpt, task_configs=task_configs(), arch_step="epoch")
     with pytest.raises(ValueError, match="weight_uniform_share in"):
         BmtasSearch(anchor_checkpoint=anchor_ckpt, task_configs=task_configs(), weight_uniform_share=1.5)
+
+
+def test_bmtas_architecture_step_follows_the_mean_of_its_samples(anchor_ckpt, tmp_path, monkeypatch):
+    """The routing step's gradient is the mean of the ``arch_samples`` samples' task-loss gradients plus lambda
+    times the resource loss's, recomputed here from the recorded Gumbel noise on a fresh supergraph."""
+    samples, weight = 3, 0.7
+    draws, steps = [], []
+    real_adam = torch.optim.Adam
+
+    class RecordingAdam(real_adam):
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None and p.dim() == 3:  # the routing logits (L, N, N)
+                        steps.append((p.detach().clone(), p.grad.detach().clone()))
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    torch.manual_seed(0)
+    module = BmtasSearch(anchor_checkpoint=anchor_ckpt, task_configs=task_configs(), arch_samples=samples,
+                         resource_weight=weight, warmup_steps=0)
+    original = module.model.search_forward
+
+    def recording_forward(x, temperature, noise=None, **kwargs):
+        exponential = (-torch.log(torch.rand_like(module.model.logits).clamp_min(1e-10))).clamp_min(1e-10)
+        noise = -torch.log(exponential)  # standard Gumbel, kept to recompute the step
+        draws.append((x.detach().clone(), temperature, noise))
+        return original(x, temperature, noise=noise, **kwargs)
+
+    module.model.search_forward = recording_forward
+    batches, objective = [], module.task_objective
+
+    def recording_objective(outputs, batch):
+        batches.append(batch)
+        return objective(outputs, batch)
+
+    module.task_objective = recording_objective
+    fit(module, tmp_path, steps=1, dm=data(num_train=40), limit_val_batches=0)
+    logits_before, grad = steps[0]  # the first routing step: the first architecture batch, before any weight step
+    assert torch.equal(logits_before, torch.zeros_like(logits_before))
+    fresh = BmtasSearch(anchor_checkpoint=anchor_ckpt, task_configs=task_configs(), resource_weight=weight)
+    logits = fresh.model.logits
+    expected = torch.autograd.grad(weight * fresh.model.resource_loss(), [logits])[0]
+    batch = batches[0]
+    for (x, temperature, noise), sample_batch in zip(draws[:samples], batches[:samples]):
+        assert torch.equal(x, batch["image"]) and sample_batch is batch and temperature == 5.0
+        with batch_statistics(fresh.model.anchor):
+            loss, _ = fresh.task_objective(fresh.model.search_forward(x, temperature, noise=noise), batch)
+        expected = expected + torch.autograd.grad(loss / samples, [logits])[0]
+    torch.testing.assert_close(grad, expected)
+    single = torch.autograd.grad(weight * fresh.model.resource_loss(), [logits])[0]
+    assert not torch.allclose(grad, single)  # the task loss's part is there
 
 
 def test_bmtas_uniform_share_mixes_every_candidate_into_every_task():
