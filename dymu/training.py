@@ -96,10 +96,17 @@ def edge_search_loss(anchor: AnchorNet, edge_hypernet: EdgeHypernet, tasks: Sequ
     for g, part in enumerate(parts):
         losses = task_losses(list(tasks), batch_slice(outputs, part), batch_slice(batch, part))
         task_terms.append(preference_loss(losses, r[g], scales))
-    reg = omega(soft, r, c, affinity, **regularizer)  # every group at once
+    return search_objective(task_terms, soft, r, c, affinity, regularizer)
+
+
+def search_objective(task_terms: Sequence[Tensor], soft: Tensor, r: Tensor, c: Tensor, affinity: Tensor,
+                     regularizer: Mapping[str, Any]) -> dict[str, Tensor]:
+    """``edge_search_loss``'s outputs from the groups' task losses and soft samples: ``Omega`` of every group at
+    once, the means over groups, ``expected_used_fraction`` and ``loss = task_loss + omega``."""
+    reg = omega(soft, r, c, affinity, **regularizer)
     out = {key: reg[key].mean() for key in ("omega", "active", "inactive")}
     out["expected_used_fraction"] = reg["usage"][:, :-1].mean()
-    out["task_loss"] = torch.stack(task_terms).mean()
+    out["task_loss"] = torch.stack(list(task_terms)).mean()
     out["loss"] = out["task_loss"] + out["omega"]
     return out
 
@@ -138,12 +145,7 @@ def captured_edge_loss(anchor: AnchorNet, edge_hypernet: EdgeHypernet, tasks: Se
     for g, part in enumerate(parts):
         losses = torch.stack([t.static_loss(outputs[t.name][part], batch[t.name][part]) for t in tasks])
         task_terms.append(preference_loss(losses, r[g], scales))
-    reg = omega(soft, r, c, affinity, **regularizer)
-    out = {key: reg[key].mean() for key in ("omega", "active", "inactive")}
-    out["expected_used_fraction"] = reg["usage"][:, :-1].mean()
-    out["task_loss"] = torch.stack(task_terms).mean()
-    out["loss"] = out["task_loss"] + out["omega"]
-    return out
+    return search_objective(task_terms, soft, r, c, affinity, regularizer)
 
 
 def weight_adaptation_loss(model: DynamicMultiTaskModel, tasks: Sequence[Task], scales: Tensor, batch: Batch,

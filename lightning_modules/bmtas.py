@@ -195,6 +195,8 @@ class BmtasSearch(FoundTreeMixin, StageModule):
         totals = []
         self.model.expected_cost()  # measured once at batch 1, before BatchNorm1d on batch statistics would refuse it
         n_batches = len(self.arch_loader)
+        per_step = 1 if self.arch_step == "batch" else n_batches  # batches averaged into one routing step
+        pending: Tensor | None = None
         with batch_statistics(self.model.anchor):
             for index, batch in enumerate(self.arch_loader):
                 batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
@@ -210,16 +212,13 @@ class BmtasSearch(FoundTreeMixin, StageModule):
                     grad = grad + torch.autograd.grad(sample_loss / samples, [logits])[0]
                     task_loss = task_loss + sample_loss.detach() / samples
                 loss = task_loss + weight * resource.detach()
-                if self.arch_step == "phase":  # one step per phase on the phase's mean gradient
-                    logits.grad = grad / n_batches if logits.grad is None else logits.grad + grad / n_batches
-                    if index == n_batches - 1:
-                        logits.grad = self.trainer.strategy.reduce(logits.grad, reduce_op="mean")
-                        self.arch_optimizer.step()
-                        logits.grad = None
-                else:
-                    logits.grad = self.trainer.strategy.reduce(grad, reduce_op="mean")
+                # a step per batch, or one per phase on the phase's mean gradient (arch_step)
+                share = grad / per_step
+                pending = share if pending is None else pending + share
+                if self.arch_step == "batch" or index == n_batches - 1:
+                    logits.grad = self.trainer.strategy.reduce(pending, reduce_op="mean")
                     self.arch_optimizer.step()
-                    logits.grad = None
+                    logits.grad = pending = None
                 totals.append(torch.stack([loss.detach(), task_loss.detach(), resource.detach()]))
         # the architecture changed: fresh weight-optimizer moments and BatchNorm statistics (appendix A)
         for optimizer in self.trainer.optimizers:

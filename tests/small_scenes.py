@@ -1,5 +1,10 @@
 """What the baseline, search and retraining tests share: a tiny conv backbone on 16x16 synthetic scenes, a
-Trainer for a few CPU steps, and exact output comparison. Each test file keeps its own data sizes."""
+Trainer for a few CPU steps, exact output comparison, and the docs' scripts as modules. Each test file keeps its
+own data sizes."""
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from lightning.pytorch import Trainer
@@ -44,3 +49,12 @@ def anchor_checkpoint(root, dm) -> str:
     module = AnchorPretraining(backbone(), task_configs=tasks, input_shape=INPUT, stream_init="independent")
     fit(module, root, 2, dm, limit_val_batches=0).save_checkpoint(root / "anchor.ckpt")
     return str(root / "anchor.ckpt")
+
+
+def doc_script(name: str) -> ModuleType:
+    """``docs/scripts/<name>.py`` loaded as a module (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "docs" / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,29 +3,23 @@ a held-out grouping": bent / square, three tasks each, data seed 1), through doc
 documented. LTB groups the tasks by activation exactly in run seeds 0, 1 and 2 there; a search that mixed the
 activations, or shared nothing, would fail this."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from tests.small_scenes import doc_script
 
 ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT = ["--set", 'data.init_args.activations=["bent","square"]', "--set", "data.init_args.tasks_per_group=3",
             "--set", "data.init_args.seed=1"]
 
 
-def grouping_ari():
-    spec = importlib.util.spec_from_file_location("grouping_ari", ROOT / "docs" / "scripts" / "grouping_ari.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow  # one LTB search of 2000 steps from scratch: about 1.5 minutes
 def test_ltb_finds_the_held_out_grouping(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the script's default config path
     out = tmp_path / "heldout"
-    assert grouping_ari().main(["--seeds", "0", "--out", str(out), "--searches", "ltb", "--anchor_steps", "20",
+    assert doc_script("grouping_ari").main(["--seeds", "0", "--out", str(out), "--searches", "ltb", "--anchor_steps", "20",
                                 *HELD_OUT]) == 0
     (result,) = json.loads((out / "grouping_ari.json").read_text())["results"]
     assert result["grouping"] == [[0, 1, 2], [3, 4, 5]] and result["ari"] == pytest.approx(1.0), result

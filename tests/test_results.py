@@ -3,11 +3,9 @@ do not depend on the labels, version-1 files read from their labels, and the ref
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -30,8 +28,8 @@ from stages.results import (
     with_ratios,
 )
 from stages.sweep import METRIC_COLUMNS, trial_metrics
+from tests.small_scenes import doc_script
 
-ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("semseg", "depth", "normals")
 
 
@@ -252,9 +250,7 @@ def test_a_malformed_file_is_one_line_naming_it(tmp_path):
 # --- docs/scripts/seed_table.py on both versions ----------------------------------------------------------------------
 
 def test_the_seed_table_reads_both_versions(tmp_path, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("seed_table", ROOT / "docs" / "scripts" / "seed_table.py")
-    seed_table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(seed_table)
+    seed_table = doc_script("seed_table")
     runs = []
     for name, data in (("new", evaluation().to_json()), ("old", version_1(evaluation().to_json()))):
         layout = RunLayout(tmp_path / name)
