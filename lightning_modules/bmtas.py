@@ -6,16 +6,18 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from dymu.anchor import batch_statistics
 from dymu.backbones.base import Backbone
 from dymu.baselines.bmtas import BmtasNet, reassigned_groups
+from dymu.checkpoint import META_KEY
 from lightning_modules.base import FoundTreeMixin, StageModule, check_tree_init
 
 
@@ -82,6 +84,14 @@ class BmtasSearch(FoundTreeMixin, StageModule):
         weight_uniform_share: the uniform mixture's share in every task's routing weights during the weight
             steps (``BmtasNet.search_forward``'s ``uniform_share``), so that candidates no task chose keep
             training; 0 (default): the sampled routing only.
+        restarts: independent searches trained side by side on the same batches and architecture split, each
+            with its own supergraph, Gumbel noise and (from scratch) initial weights. After the last step the one
+            whose found tree has the smallest objective on the architecture split (``found_objectives``: the
+            uniform preference's task loss with the tree, BatchNorms on batch statistics, plus ``resource_weight``
+            times its resource loss) becomes ``model`` (``select_restart``); the others stay in
+            ``restart_models``, and the checkpoint's metadata records every restart's objective and tree. Costs
+            ``restarts`` times the compute and memory of one search. 1 (default): the authors' single search.
+            During the search, the logged routing distribution is restart 0's, the losses the restarts' mean.
     """
 
     stage_name = "bmtas"
@@ -94,7 +104,7 @@ class BmtasSearch(FoundTreeMixin, StageModule):
                  loss_scales: str = "config", optimizer: OptimizerCallable = bmtas_optimizer,
                  lr_scheduler: LRSchedulerCallable | None = None, seed: int = 0,
                  reset_arch_optimizer: bool = True, arch_samples: int = 1, resource_ramp: float = 0.0,
-                 arch_step: str = "batch", weight_uniform_share: float = 0.0) -> None:
+                 arch_step: str = "batch", weight_uniform_share: float = 0.0, restarts: int = 1) -> None:
         super().__init__(optimizer=optimizer, lr_scheduler=lr_scheduler, loss_scales=loss_scales,
                          scales_checkpoint=anchor_checkpoint)
         self.save_hyperparameters(ignore=["backbone", "optimizer", "lr_scheduler", "seed"])
@@ -108,6 +118,8 @@ class BmtasSearch(FoundTreeMixin, StageModule):
             raise ValueError(f"need arch_samples >= 1, resource_ramp in [0, 1], weight_uniform_share in [0, 1] and "
                              f"arch_step in {ARCH_STEPS}; got {arch_samples}, {resource_ramp}, {weight_uniform_share}, "
                              f"{arch_step!r}")
+        if restarts < 1:
+            raise ValueError(f"restarts (independent searches) must be at least 1, got {restarts}")
         if not 0 < arch_fraction < 1:
             raise ValueError(f"arch_fraction (the architecture split's share) must lie in (0, 1), got {arch_fraction}")
         self.resource_weight, self.init, self.seed = resource_weight, init, seed
@@ -117,6 +129,8 @@ class BmtasSearch(FoundTreeMixin, StageModule):
         self.reset_arch_optimizer = reset_arch_optimizer
         self.arch_samples, self.resource_ramp, self.arch_step = arch_samples, resource_ramp, arch_step
         self.weight_uniform_share = weight_uniform_share
+        self.restarts = restarts
+        self.restart_selection: dict[str, Any] | None = None  # select_restart's record, once made
         check_tree_init(self.stage_name, init, anchor_checkpoint, backbone, task_configs)
         self.anchor_checkpoint, self.backbone, self.input_shape = anchor_checkpoint, backbone, input_shape
         self.resource = resource
@@ -126,11 +140,19 @@ class BmtasSearch(FoundTreeMixin, StageModule):
         self._last_arch_epoch = -1
 
     def configure_models(self, parent: dict[str, Any] | None) -> None:
-        self.model = self.build_supergraph(BmtasNet, parent, self.backbone, self.input_shape, self.init,
-                                           resource=self.resource)
+        def build() -> BmtasNet:
+            return self.build_supergraph(BmtasNet, parent, self.backbone, self.input_shape, self.init,
+                                         resource=self.resource)
+
+        self.model = build()
+        self.restart_models = nn.ModuleList([build() for _ in range(self.restarts - 1)])
+
+    def searches(self) -> list[BmtasNet]:
+        """The supergraphs searched side by side: ``model`` (restart 0), then ``restart_models``."""
+        return [self.model, *self.restart_models]  # type: ignore[list-item]
 
     def optimizer_parameters(self) -> Any:
-        return self.model.weight_parameters()
+        return [p for model in self.searches() for p in model.weight_parameters()]
 
     def setup(self, stage: str) -> None:
         if stage != "fit" or self.arch_loader is not None:
@@ -169,66 +191,139 @@ class BmtasSearch(FoundTreeMixin, StageModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         warmup = self.warmup_steps()
-        if self.global_step < warmup:
-            loss, losses = self.task_objective(self.model.anchor(batch["image"]), batch)  # each stream its own task
+        if self.global_step < warmup:  # each stream its own task
+            results = [self.task_objective(model.anchor(batch["image"]), batch) for model in self.searches()]
         else:
             if self.current_epoch != self._last_arch_epoch:
                 self.architecture_phase()
                 self._last_arch_epoch = self.current_epoch
             temperature = self.temperature()
-            loss, losses = self.task_objective(
-                self.model.search_forward(batch["image"], temperature, uniform_share=self.weight_uniform_share), batch)
+            results = [self.task_objective(model.search_forward(batch["image"], temperature,
+                                                                uniform_share=self.weight_uniform_share), batch)
+                       for model in self.searches()]
             self.log("train/temperature", temperature)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log_task_losses("train", losses)
+        # the restarts share no parameter: the sum's gradient is each one's own
+        loss = sum(objective for objective, _ in results)
+        self.log("train/loss", loss / len(results), prog_bar=True)
+        self.log_task_losses("train", torch.stack([losses for _, losses in results]).mean(dim=0))
         if self.logging_step():
             self.log_distribution()
         return loss
 
+    def routing_gradient(self, model: BmtasNet, batch: dict[str, Tensor], temperature: float,
+                         weight: float) -> tuple[Tensor, Tensor, Tensor]:
+        """One architecture batch's gradient on ``model``'s routing logits, with its task and resource losses.
+
+        Only the logits' gradient (the weights' gradients and DDP's hooks stay untouched), one sample's graph at a
+        time: the mean task loss over ``arch_samples`` Gumbel samples, plus ``weight`` times the resource loss."""
+        samples, logits = self.arch_samples, model.logits
+        first, _ = self.task_objective(model.search_forward(batch["image"], temperature), batch)
+        resource = model.resource_loss()
+        (grad,) = torch.autograd.grad(first / samples + weight * resource, [logits])
+        task_loss = first.detach() / samples
+        for _ in range(samples - 1):
+            sample_loss, _ = self.task_objective(model.search_forward(batch["image"], temperature), batch)
+            grad = grad + torch.autograd.grad(sample_loss / samples, [logits])[0]
+            task_loss = task_loss + sample_loss.detach() / samples
+        return grad, task_loss, resource.detach()
+
     def architecture_phase(self) -> None:
         """One pass over the architecture split updating the routing logits only (module docstring)."""
         assert self.arch_loader is not None, "setup('fit') builds the architecture split"
-        logits = self.model.logits
+        models = self.searches()
+        logits = [model.logits for model in models]
         if self.arch_optimizer is None or self.reset_arch_optimizer:
-            self.arch_optimizer = torch.optim.Adam([logits], lr=self.arch_lr, weight_decay=self.arch_weight_decay)
+            self.arch_optimizer = torch.optim.Adam(logits, lr=self.arch_lr, weight_decay=self.arch_weight_decay)
         temperature, weight = self.temperature(), self.current_resource_weight()
         totals = []
-        self.model.expected_cost()  # measured once at batch 1, before BatchNorm1d on batch statistics would refuse it
+        for model in models:
+            model.expected_cost()  # measured once at batch 1, before BatchNorm1d on batch statistics would refuse it
         n_batches = len(self.arch_loader)
         per_step = 1 if self.arch_step == "batch" else n_batches  # batches averaged into one routing step
-        pending: Tensor | None = None
-        with batch_statistics(self.model.anchor):
+        pending: list[Tensor | None] = [None] * len(models)
+        with ExitStack() as stack:
+            for model in models:
+                stack.enter_context(batch_statistics(model.anchor))
             for index, batch in enumerate(self.arch_loader):
                 batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                # only the logits' gradient (the weights' gradients and DDP's hooks stay untouched), one sample's
-                # graph at a time: the mean task loss over arch_samples samples, plus the resource loss
-                samples = self.arch_samples
-                first, _ = self.task_objective(self.model.search_forward(batch["image"], temperature), batch)
-                resource = self.model.resource_loss()
-                (grad,) = torch.autograd.grad(first / samples + weight * resource, [logits])
-                task_loss = first.detach() / samples
-                for _ in range(samples - 1):
-                    sample_loss, _ = self.task_objective(self.model.search_forward(batch["image"], temperature), batch)
-                    grad = grad + torch.autograd.grad(sample_loss / samples, [logits])[0]
-                    task_loss = task_loss + sample_loss.detach() / samples
-                loss = task_loss + weight * resource.detach()
-                # a step per batch, or one per phase on the phase's mean gradient (arch_step)
-                share = grad / per_step
-                pending = share if pending is None else pending + share
+                for k, model in enumerate(models):
+                    grad, task_loss, resource = self.routing_gradient(model, batch, temperature, weight)
+                    # a step per batch, or one per phase on the phase's mean gradient (arch_step)
+                    share = grad / per_step
+                    pending[k] = share if pending[k] is None else pending[k] + share
+                    totals.append(torch.stack([task_loss + weight * resource, task_loss, resource]))
                 if self.arch_step == "batch" or index == n_batches - 1:
-                    logits.grad = self.trainer.strategy.reduce(pending, reduce_op="mean")
+                    for k, model in enumerate(models):
+                        model.logits.grad = self.trainer.strategy.reduce(pending[k], reduce_op="mean")
                     self.arch_optimizer.step()
-                    logits.grad = pending = None
-                totals.append(torch.stack([loss.detach(), task_loss.detach(), resource.detach()]))
+                    for model in models:
+                        model.logits.grad = None
+                    pending = [None] * len(models)
         # the architecture changed: fresh weight-optimizer moments and BatchNorm statistics (appendix A)
         for optimizer in self.trainer.optimizers:
             optimizer.state = defaultdict(dict)
-        for module in self.model.anchor.streams.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.reset_running_stats()
+        for model in models:
+            for module in model.anchor.streams.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.reset_running_stats()
         if totals:
             mean = torch.stack(totals).mean(dim=0)
             self.log_dict({"arch/loss": mean[0], "arch/task_loss": mean[1], "arch/resource_loss": mean[2]})
+
+    def selection_loader(self) -> DataLoader:
+        """The architecture split in a fixed order with the evaluation transform, full batches only (BatchNorm on
+        batch statistics), the same on every DDP process: what ``found_objectives`` scores the restarts on."""
+        assert self.arch_loader is not None, "setup('fit') builds the architecture split"
+        datamodule = self.trainer.datamodule
+        split = Subset(datamodule.dataset("train", train=False), self.arch_loader.dataset.indices)
+        return DataLoader(split, batch_size=self.arch_loader.batch_size, shuffle=False, drop_last=True,
+                          collate_fn=datamodule.collate)
+
+    @torch.no_grad()
+    def found_objectives(self) -> list[float]:
+        """Each restart's objective at its found tree, on the architecture split (``selection_loader``): the
+        uniform preference's task loss with the tree (the streams' BatchNorms on batch statistics, as in the
+        architecture phases; the mean over the split's batches) plus ``resource_weight`` times the tree's
+        resource loss."""
+        models = self.searches()
+        totals = torch.zeros(len(models), dtype=torch.float64)
+        batches = 0
+        with ExitStack() as stack:
+            for model in models:
+                model.expected_cost()
+                stack.enter_context(batch_statistics(model.anchor))
+            for batch in self.selection_loader():
+                batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                for k, model in enumerate(models):
+                    totals[k] += float(self.task_objective(model(batch["image"]), batch)[0])
+                batches += 1
+        return [float(totals[k]) / batches + self.resource_weight * float(model.found_resource_loss())
+                for k, model in enumerate(models)]
+
+    def select_restart(self, log: bool = True) -> None:
+        """Keep the restart whose found tree has the smallest ``found_objectives`` as ``model`` (its state swapped
+        with restart 0's; the first on a tie); once, after the last step (``log``: log the choice, where Lightning
+        allows it)."""
+        if self.restarts == 1 or self.restart_selection is not None:
+            return
+        objectives = self.found_objectives()
+        best = min(range(len(objectives)), key=objectives.__getitem__)
+        self.restart_selection = {"objectives": objectives, "selected": best,
+                                  "routings": [model.routing() for model in self.searches()]}
+        if best:
+            chosen = self.restart_models[best - 1]
+            first = {k: v.clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(chosen.state_dict())
+            chosen.load_state_dict(first)
+        if log:
+            self.log_dict({"arch/selected_restart": float(best), "arch/found_objective": objectives[best]})
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.restarts > 1 and self.global_step >= self.total_steps():
+            self.select_restart()  # before the last validation, so that it scores the kept search
+
+    def on_train_end(self) -> None:
+        self.select_restart(log=False)  # a fit that ended before its step budget (max_time, an early stop)
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
@@ -238,7 +333,13 @@ class BmtasSearch(FoundTreeMixin, StageModule):
         meta = super().checkpoint_metadata()  # with the found tree (``found_architecture``)
         routing = self.model.routing()
         meta["bmtas"] = {"routing": routing, "reassigned_groups": reassigned_groups(routing)}
+        if self.restart_selection is not None:
+            meta["bmtas"]["restarts"] = self.restart_selection
         return meta
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.restart_selection = checkpoint.get(META_KEY, {}).get("bmtas", {}).get("restarts")
 
     @torch.no_grad()
     def log_distribution(self) -> None:

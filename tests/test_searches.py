@@ -521,3 +521,65 @@ def test_distillation_scores_are_reproducible_and_depend_on_the_partition(anchor
     with pytest.raises(ValueError, match="distill_layers must be in 1..2"):
         distillation_score(teachers, backbone(), torch.tensor(full), train, scored, task_objects(), scales,
                            distill_layers=3)
+
+
+def test_bmtas_restarts_keep_the_search_whose_tree_has_the_smallest_objective(tmp_path):
+    """restarts=3 trains three independent supergraphs (from scratch: their own initial weights) and keeps the one
+    whose found tree has the smallest task loss + lambda * resource loss on the architecture split, recomputed here
+    with every task's one-hot routing through ``task_forward`` and the resource loss from the tree's groupings."""
+    torch.manual_seed(0)
+    weight = 0.3
+    module = BmtasSearch(backbone=backbone(), task_configs=task_configs(), input_shape=INPUT, init="scratch",
+                         resource_weight=weight, arch_lr=0.5, warmup_steps=2, restarts=3)
+    models = module.searches()
+    assert len(models) == 3 and len(module.restart_models) == 2
+    initial = [[p.detach().clone() for p in m.weight_parameters()] for m in models]
+    assert not torch.equal(initial[0][0], initial[1][0])  # from scratch: each restart its own weights
+    trainer = fit(module, tmp_path, steps=-1, dm=data(num_train=40), max_epochs=4, limit_train_batches=2,
+                  limit_val_batches=0)
+    for model, before in zip(module.searches(), initial):  # every restart trained, weights and routing logits
+        assert all(not torch.equal(p, b) for p, b in zip(model.weight_parameters(), before))
+        assert model.logits.abs().sum() > 0
+    record = module.restart_selection
+    assert record is not None and len(record["objectives"]) == 3
+    best = record["selected"]
+    assert record["objectives"][best] == min(record["objectives"])
+    assert module.model.routing() == record["routings"][best]  # the kept search is now ``model``
+
+    def objective(model, routing):
+        n, layers = model.n_tasks, len(routing)
+        total, batches = 0.0, 0
+        with torch.no_grad(), batch_statistics(model.anchor):
+            for batch in module.selection_loader():  # the architecture split, fixed order, no augmentation
+                outputs = {name: model.task_forward(batch["image"], t, torch.nn.functional.one_hot(
+                    torch.tensor([routing[k][t] for k in range(layers)]), n).float())
+                    for t, name in enumerate(model.task_names)}
+                total, batches = total + float(module.task_objective(outputs, batch)[0]), batches + 1
+        costs = model.layer_costs()
+        resource = sum(len(g) * c for g, c in zip(groupings(routing), costs)) / (n * sum(costs))
+        return total / batches + weight * resource
+
+    # the states were swapped: restart ``best``'s supergraph is ``model``, restart 0's took its place
+    order = list(range(3))
+    order[0], order[best] = best, 0
+    for index, model in zip(order, module.searches()):
+        assert model.routing() == record["routings"][index]
+        assert objective(model, record["routings"][index]) == pytest.approx(record["objectives"][index], rel=1e-5)
+    path = tmp_path / "bmtas.ckpt"
+    trainer.save_checkpoint(path)
+    meta = torch.load(path, weights_only=True)["dymu"]["bmtas"]
+    assert meta["restarts"]["selected"] == best and meta["routing"] == record["routings"][best]
+    assert BmtasNet.from_checkpoint(path).routing() == record["routings"][best]
+    assert found_architecture(path) == routing_to_architecture(record["routings"][best])
+    module.select_restart()  # once only
+    assert module.restart_selection is record and module.model.routing() == record["routings"][best]
+    # a later restart with the smallest objective: its whole state becomes ``model``'s, restart 0's takes its place
+    states = [{k: v.clone() for k, v in m.state_dict().items()} for m in module.searches()]
+    module.restart_selection = None
+    module.found_objectives = lambda: [2.0, 3.0, 1.0]
+    module.select_restart(log=False)
+    assert module.restart_selection["selected"] == 2
+    for model, state in zip(module.searches(), [states[2], states[1], states[0]]):
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="restarts .* at least 1"):
+        BmtasSearch(backbone=backbone(), task_configs=task_configs(), input_shape=INPUT, init="scratch", restarts=0)

@@ -269,10 +269,20 @@ class BmtasNet(TreeSearchNet):
             self._expected_cost = ExpectedCost(self.n_tasks, self.layer_costs())
         return self._expected_cost
 
-    def resource_loss(self) -> Tensor:
-        """The expected encoder cost of the routing distribution over that of N separate encoders (1/N to 1)."""
+    def resource_loss(self, probs: Tensor | None = None) -> Tensor:
+        """The expected encoder cost of the routing distribution over that of N separate encoders (1/N to 1).
+
+        Args:
+            probs: candidate probabilities ``(L, N, N)``; default ``softmax(logits)``. One-hot ones give the cost
+                of one routing (``found_resource_loss``).
+        """
         separate = self.n_tasks * sum(self.layer_costs())
-        return self.expected_cost()(self.candidate_probabilities()) / separate
+        return self.expected_cost()(self.candidate_probabilities() if probs is None else probs) / separate
+
+    def found_resource_loss(self) -> Tensor:
+        """The resource loss of the found tree (the argmax routing): its encoder cost over N separate encoders."""
+        one_hot = torch.nn.functional.one_hot(self.logits.detach().argmax(dim=-1), self.n_tasks)
+        return self.resource_loss(one_hot.to(self.logits.dtype))
 
     def task_forward(self, x: Tensor, task: int, weights: Tensor) -> Tensor:
         """Task ``task``'s output when layer ``l``'s feature is ``sum_s weights[l, s] * block_(l, s)(previous)``.
