@@ -29,8 +29,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from dymu.baselines.bmtas import routing_to_architecture
 from dymu.baselines.grouping import adjusted_rand_index, deepest_shared_grouping, partition_labels, tree_groupings
 from dymu.baselines.ltb import found_architecture
+from dymu.checkpoint import META_KEY, load_checkpoint
 from dymu.layout import RunLayout
 from stages.common import build_data
 from stages.pipeline import load_pipeline_config
@@ -109,6 +111,23 @@ def score_tree(tree: Any, truth: list[int], paper: list[int] | None = None) -> d
             "ari_paper": None if paper is None else adjusted_rand_index(paper, labels)}
 
 
+def restart_scores(path: Path, truth: list[int]) -> list[dict[str, Any]] | None:
+    """Every restart of a BMTAS search with ``restarts`` > 1 (its checkpoint's record): its objective on the
+    architecture split, its found tree's ARI against ``truth``, and whether it was kept; None for one search."""
+    record = load_checkpoint(path, mmap=True)[META_KEY]["bmtas"].get("restarts")
+    if record is None:
+        return None
+    return [{"objective": objective, "ari": score_tree(routing_to_architecture(routing), truth)["ari"],
+             "kept": k == record["selected"]}
+            for k, (objective, routing) in enumerate(zip(record["objectives"], record["routings"]))]
+
+
+def restarts_text(restarts: list[dict[str, Any]] | None) -> str:
+    if not restarts:
+        return "-"
+    return " ".join(f"{r['ari']:.2f} / {r['objective']:.4f}{'*' if r['kept'] else ''}" for r in restarts)
+
+
 def render(results: list[dict[str, Any]], names: list[str], truth_groups: list[list[str]],
            args: argparse.Namespace) -> str:
     lines = [f"True groups: {' '.join('{' + ','.join(g) + '}' for g in truth_groups)}. Searches from "
@@ -119,14 +138,15 @@ def render(results: list[dict[str, Any]], names: list[str], truth_groups: list[l
              f"{args.bmtas_restarts} restart{'s' if args.bmtas_restarts > 1 else ''}). "
              "Layers 0-based; the heads read the last.", "",
              "| search | seed | groups per layer | deepest shared layer | its grouping | within groups | ARI | "
-             "ARI vs the paper's figure |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "ARI vs the paper's figure | restarts: ARI / objective (* kept) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         layer = "-" if r["deepest_shared_layer"] is None else str(r["deepest_shared_layer"])
         paper = "-" if r.get("ari_paper") is None else f"{r['ari_paper']:.2f}"
         lines.append(f"| {LABELS[r['search']]} | {r['seed']} | {'-'.join(map(str, r['groups_per_layer']))} | {layer} | "
                      f"{grouping_text(tuple(map(tuple, r['grouping'])), names)} | "
-                     f"{'yes' if r['within_groups'] else 'no'} | {r['ari']:.2f} | {paper} |")
+                     f"{'yes' if r['within_groups'] else 'no'} | {r['ari']:.2f} | {paper} | "
+                     f"{restarts_text(r.get('restarts'))} |")
     lines += ["", "| search | mean ARI | sd | mean ARI vs the paper's figure | ARI 1 | within groups | seeds |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for search in SEARCHES:
@@ -193,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = run_pipeline(load_pipeline_config(args.config, overrides), out / f"seed{seed}", evaluate=False,
                                stages=tuple(args.searches))
         for search in args.searches:
-            tree = found_architecture(RunLayout(run_dir).final(search))
-            results.append({"search": search, "seed": seed, **score_tree(tree, truth, paper)})
+            path = RunLayout(run_dir).final(search)
+            tree = found_architecture(path)
+            results.append({"search": search, "seed": seed, **score_tree(tree, truth, paper),
+                            "restarts": restart_scores(path, truth) if search == "bmtas" else None})
             print(f"[grouping_ari] {search} seed {seed}: tree {tree}, ARI {results[-1]['ari']:.3f}", flush=True)
     table = render(results, names, truth_groups, args)
     out.mkdir(parents=True, exist_ok=True)
