@@ -5,12 +5,13 @@ temperature schedule."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
@@ -34,6 +35,18 @@ def linear_temperature(step: int, total_steps: int, warmup_steps: int, start: fl
 
 
 ARCH_STEPS = ("batch", "phase")
+
+
+@contextmanager
+def on_batch_statistics(models: Sequence[BmtasNet]) -> Iterator[None]:
+    """Within the block, the streams' BatchNorms of every supergraph in ``models`` use batch statistics (the
+    architecture phases and the restarts' selection); each one's cost is measured first, at batch 1, before
+    BatchNorm1d on batch statistics would refuse it."""
+    with ExitStack() as stack:
+        for model in models:
+            model.expected_cost()
+            stack.enter_context(batch_statistics(model.anchor))
+        yield
 
 
 class BmtasSearch(FoundTreeMixin, StageModule):
@@ -239,16 +252,12 @@ class BmtasSearch(FoundTreeMixin, StageModule):
             self.arch_optimizer = torch.optim.Adam(logits, lr=self.arch_lr, weight_decay=self.arch_weight_decay)
         temperature, weight = self.temperature(), self.current_resource_weight()
         totals = []
-        for model in models:
-            model.expected_cost()  # measured once at batch 1, before BatchNorm1d on batch statistics would refuse it
         n_batches = len(self.arch_loader)
         per_step = 1 if self.arch_step == "batch" else n_batches  # batches averaged into one routing step
         pending: list[Tensor | None] = [None] * len(models)
-        with ExitStack() as stack:
-            for model in models:
-                stack.enter_context(batch_statistics(model.anchor))
+        with on_batch_statistics(models):
             for index, batch in enumerate(self.arch_loader):
-                batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                batch = move_data_to_device(batch, self.device)
                 for k, model in enumerate(models):
                     grad, task_loss, resource = self.routing_gradient(model, batch, temperature, weight)
                     # a step per batch, or one per phase on the phase's mean gradient (arch_step)
@@ -291,12 +300,9 @@ class BmtasSearch(FoundTreeMixin, StageModule):
         models = self.searches()
         totals = torch.zeros(len(models), dtype=torch.float64)
         batches = 0
-        with ExitStack() as stack:
-            for model in models:
-                model.expected_cost()
-                stack.enter_context(batch_statistics(model.anchor))
+        with on_batch_statistics(models):
             for batch in self.selection_loader():
-                batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                batch = move_data_to_device(batch, self.device)
                 for k, model in enumerate(models):
                     totals[k] += float(self.task_objective(model(batch["image"]), batch)[0])
                 batches += 1

@@ -40,7 +40,8 @@ TREES = {  # routing[l][t] for tasks a0 a1 a2 b0 b1 b2
 
 
 def node_fraction(routing: list[list[int]]) -> float:
-    """The tree's encoder nodes over those of N separate encoders: BMTAS's resource loss at this routing."""
+    """The tree's encoder nodes over those of N separate encoders: BMTAS's resource loss at this routing when every
+    layer costs the same (``BmtasNet.found_resource_loss`` weights the layers by their measured cost)."""
     return sum(len(g) for g in groupings(routing)) / (len(routing) * len(routing[0]))
 
 
